@@ -1,0 +1,45 @@
+# mdlgrok: every command sets up its own .venv on first use.
+# `make demo` runs the paper's headline run on CPU, `make test` the test suite.
+PY      := .venv/bin/python
+VENV_OK := .venv/.installed
+DEMO    := runs/demo
+
+.PHONY: help install test test-slow demo bench bench-train bench-estimator clean
+
+help:
+	@echo "make demo            train add/p=113/ours for 600 epochs on CPU and measure complexity"
+	@echo "make test            fast test suite (make test-slow for the long tests)"
+	@echo "make bench           training and estimator benchmarks"
+
+# torch is installed first and by exact version: 2.13.0 has a CPU build on this machine's
+# wheel path, while a range would let pip choose a newer multi-GB CUDA build.
+$(VENV_OK): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(VENV_OK)
+
+install: $(VENV_OK)
+
+test: $(VENV_OK)
+	$(PY) -m pytest -q
+
+test-slow: $(VENV_OK)
+	$(PY) -m pytest -q -m slow
+
+demo: $(VENV_OK)
+	rm -rf $(DEMO)
+	$(PY) -m mdlgrok train --task add --p 113 --preset ours --epochs 600 --seed 0 --out $(DEMO) --measure
+	$(PY) -m mdlgrok summary $(DEMO) --plot $(DEMO)/rise_and_fall.png
+
+bench: bench-train bench-estimator
+
+bench-train: $(VENV_OK)
+	$(PY) benchmarks/bench_train.py
+
+bench-estimator: $(VENV_OK)
+	$(PY) benchmarks/bench_estimator.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from mdlgrok.cli import main
+
+sys.exit(main())
