@@ -1,0 +1,124 @@
+"""Coarse-graining of a state dict: truncated SVD and quantization to integer codes.
+
+Rank convention (mdlgrok): for singular values s_1 >= s_2 >= ..., the rank kept at
+fraction tau is the smallest k with s_1 + ... + s_k >= tau * sum(s) (k = 0 at tau = 0).
+The paper's code keeps one fewer (``paper_rank``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mdlgrok.complexity.payload import BIN_STEPS, Entry, bin_width, matrix_shape
+
+
+@dataclass
+class Target:
+    """One state-dict entry as the search sees it."""
+
+    index: int
+    name: str
+    tensor: torch.Tensor  # the original, on CPU
+    alias: int = -1  # index of an earlier entry sharing this storage
+    w: np.ndarray = field(init=False, repr=False)  # float64 flat copy (floating tensors)
+    _svd: tuple | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.w = self.tensor.detach().double().numpy().reshape(-1) if self.quantizable else np.zeros(0)
+
+    @property
+    def quantizable(self) -> bool:
+        return self.alias < 0 and self.tensor.is_floating_point() and self.tensor.numel() > 0
+
+    @property
+    def is_matrix(self) -> bool:
+        return self.quantizable and self.tensor.ndim >= 2 and min(matrix_shape(tuple(self.tensor.shape))) >= 2
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    def svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(U, s, Vt) of the matrix view, computed once (float64)."""
+        if self._svd is None:
+            self._svd = np.linalg.svd(self.w.reshape(matrix_shape(self.shape)), full_matrices=False)
+        return self._svd
+
+    def max_lowrank(self) -> int:
+        """Largest rank whose factors are cheaper than the matrix: k (m + n) < m n."""
+        m, n = matrix_shape(self.shape)
+        return (m * n - 1) // (m + n)
+
+
+def targets_of(state: dict[str, torch.Tensor]) -> list[Target]:
+    """Targets of a state dict; entries sharing storage (tied weights) become aliases."""
+    seen: dict[tuple, int] = {}
+    out = []
+    for i, (name, t) in enumerate(state.items()):
+        t = t.detach()
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
+        alias = seen.get(key, -1) if key else -1
+        if key and alias < 0:
+            seen[key] = i
+        out.append(Target(i, name, t.cpu(), alias))
+    return out
+
+
+def rank_for_tau(s: np.ndarray, tau: float) -> int:
+    """Smallest k with sum(s[:k]) >= tau * sum(s)."""
+    if tau <= 0 or s.sum() <= 0:
+        return 0
+    return int(min(np.searchsorted(np.cumsum(s), tau * s.sum() * (1 - 1e-12)) + 1, len(s)))
+
+
+def paper_rank(s: np.ndarray, tau: float) -> int:
+    """The paper code's rank: one fewer than rank_for_tau (its off-by-one)."""
+    return max(rank_for_tau(s, tau) - 1, 0)
+
+
+def quantize(x: np.ndarray, j: int) -> np.ndarray:
+    """Integer codes of x on the grid of bin 2^(j/BIN_STEPS) (round half to even)."""
+    return np.rint(x / bin_width(j)).astype(np.int64)
+
+
+def bin_index(delta: float) -> int:
+    """The grid exponent j whose bin is nearest to delta (in log scale)."""
+    return int(round(BIN_STEPS * np.log2(delta)))
+
+
+def zero_entry(t: Target) -> Entry:
+    return Entry(t.name, t.shape, t.tensor.dtype, "zero")
+
+
+def dense_entry(t: Target, j: int) -> Entry:
+    codes = quantize(t.w, j)
+    if not codes.any():
+        return zero_entry(t)
+    return Entry(t.name, t.shape, t.tensor.dtype, "dense", codes=(codes,), bins=(j,))
+
+
+def factors(t: Target, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced rank-k factors A = U_k S_k^1/2 (m x k), B = S_k^1/2 V_k^T (k x n)."""
+    u, s, vt = t.svd()
+    root = np.sqrt(s[:k])
+    return u[:, :k] * root, root[:, None] * vt[:k]
+
+
+def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None) -> Entry:
+    if k == 0:
+        return zero_entry(t)
+    a, b = factors(t, k)
+    jb = ja if jb is None else jb
+    return Entry(t.name, t.shape, t.tensor.dtype, "lowrank", codes=(quantize(a, ja).ravel(), quantize(b, jb).ravel()),
+                 bins=(ja, jb), rank=k)
+
+
+def raw_entry(t: Target) -> Entry:
+    """The tensor's own bytes, losslessly (non-float tensors, or as a fallback)."""
+    if t.alias >= 0:
+        return Entry(t.name, t.shape, t.tensor.dtype, "alias", alias=t.alias)
+    data = t.tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.tensor.numel() else b""
+    return Entry(t.name, t.shape, t.tensor.dtype, "raw", raw=data)

@@ -1,0 +1,126 @@
+"""The public estimator: complexity of any torch module at a set of loss tolerances.
+
+    C_eps(theta) = min over coarse-grainings T of |code(T(theta))|
+                   subject to L_train(T(theta)) <= L_train(theta) + eps
+
+Every figure returned is the length of a real payload that ``decode`` turns back into
+weights whose loss was evaluated with the caller's own closure and met the constraint.
+"""
+
+from __future__ import annotations
+
+import bz2
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mdlgrok.complexity.codecs import codec_versions
+from mdlgrok.complexity.coarse import targets_of
+from mdlgrok.complexity.payload import Entry, decode, encode_all
+from mdlgrok.complexity.search import LossError, LossOracle, Search
+
+PAPER_EPS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+@dataclass
+class Result:
+    """Complexity of one checkpoint at one eps."""
+
+    eps: float  # tolerance, nats
+    bits: int  # 8 * len(payload)
+    payload: bytes = field(repr=False)
+    codec: str  # the codec of the shortest payload
+    codec_bits: dict[str, int]  # every codec's payload size, bits
+    naive_bits: int  # bzip2 of the raw float32 weights, per tensor (the paper's baseline)
+    base_loss: float  # loss of the original model, nats
+    coarse_loss: float  # loss of decode(payload), nats; <= base_loss + eps
+    choices: list[dict]  # per tensor: name, kind, rank, bin
+    loss_evals: int  # loss calls of the whole search (shared by all eps)
+    seconds: float  # wall time of the whole search (shared by all eps)
+    mode: str = "mdlgrok"
+    extra: dict[str, float] = field(default_factory=dict)  # eval_fn of the coarse model
+
+    @property
+    def ratio(self) -> float:
+        return self.naive_bits / self.bits
+
+
+def naive_bits(model: torch.nn.Module) -> int:
+    """bzip2 of each parameter's raw float32 bytes, summed (the paper's 'naive' size), in bits."""
+    return 8 * sum(len(bz2.compress(p.detach().float().cpu().numpy().tobytes())) for p in model.parameters())
+
+
+def choices_of(entries: list[Entry]) -> list[dict]:
+    from mdlgrok.complexity.payload import bin_width
+
+    return [{"name": e.name, "kind": e.kind, "rank": e.rank,
+             "bins": [bin_width(j) for j in e.bins]} for e in entries]
+
+
+def check_eps(eps) -> list[float]:
+    eps = [float(e) for e in ([eps] if isinstance(eps, (int, float)) else eps)]
+    if not eps or any(not (e > 0 and math.isfinite(e)) for e in eps):
+        raise ValueError(f"every eps must be a positive finite number of nats, got {eps}")
+    return eps
+
+
+def base_loss(oracle: LossOracle) -> float:
+    value = oracle({})
+    if not math.isfinite(value):
+        raise LossError("the loss closure returned a non-finite value for the original model")
+    return value
+
+
+def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float], eps=PAPER_EPS, *,
+             lowrank: bool = True, polish: bool = True, eval_fn: Callable | None = None, seed: int = 0,
+             mode: str = "mdlgrok") -> list[Result]:
+    """Complexity of `model` at every eps; one Result per eps, in the order given.
+
+    loss_fn(module) -> mean training loss (nats) of that module. eval_fn(module) -> dict of
+    extra metrics (test loss, accuracies) recorded for the coarse model. lowrank=False is
+    the "quantization alone" baseline. mode="paper" runs the paper's procedure instead.
+    """
+    eps = check_eps(eps)
+    if mode == "paper":
+        from mdlgrok.complexity.paper import paper_estimate
+
+        return paper_estimate(model, loss_fn, eps, eval_fn=eval_fn, seed=seed)
+    if mode != "mdlgrok":
+        raise ValueError(f"unknown estimator mode {mode!r}; choose mdlgrok or paper")
+    start = time.perf_counter()
+    oracle = LossOracle(model, loss_fn)
+    base = base_loss(oracle)
+    search = Search(targets_of(oracle.original), oracle, base, lowrank=lowrank, seed=seed)
+    configs = {e: search.best(e, polish=polish) for e in sorted(eps, reverse=True)}
+    verified = [verify(search.entries(c), oracle) for c in dict.fromkeys(configs.values())]
+    naive = naive_bits(model)
+    seconds = time.perf_counter() - start
+    results = []
+    for e in eps:
+        payload, loss, sizes, entries = min((v for v in verified if v[1] <= base + e), key=lambda v: len(v[0]))
+        extra = _extra(eval_fn, oracle, payload)
+        results.append(Result(e, 8 * len(payload), payload, min(sizes, key=sizes.get), sizes, naive, base, loss,
+                              choices_of(entries), oracle.calls, seconds, "mdlgrok", extra))
+    return results
+
+
+def verify(entries: list[Entry], oracle: LossOracle) -> tuple[bytes, float, dict[str, int], list[Entry]]:
+    """Encode with every codec, keep the shortest, decode it and evaluate the decoded weights."""
+    payloads = encode_all(entries)
+    best = min(payloads.values(), key=len)
+    loss = oracle(decode(best))
+    return best, loss, {k: 8 * len(v) for k, v in payloads.items()}, entries
+
+
+def _extra(eval_fn, oracle: LossOracle, payload: bytes) -> dict[str, float]:
+    if eval_fn is None:
+        return {}
+    oracle.probe.load_state_dict(decode(payload))
+    return {k: float(v) for k, v in eval_fn(oracle.probe).items()}
+
+
+def versions() -> dict[str, str]:
+    return codec_versions()

@@ -1,0 +1,266 @@
+"""The byte format of a coarse-grained network, and its decoder.
+
+A payload is self-contained: ``decode(payload)`` rebuilds the state dict from the bytes
+alone. Layout::
+
+    byte 0      format version (MAGIC)
+    byte 1      codec id (zstd, bz2, lzma, ans)
+    body        byte codecs: compress(varint len(header) + header + code width + code planes)
+                ans: varint len(h) + h + ANS words, h = byte codec id + compress(header + models)
+    4 bytes     CRC32 of everything before it, so that corruption is an error, never a number
+
+The header names every entry with its dtype, shape and kind:
+  zero     all zeros;
+  dense    integer codes c, values c * delta;
+  lowrank  rank k, codes A (m x k) and B (k x n), values (A * dA) @ (B * dB) (float64, then cast);
+  raw      the tensor's own bytes (non-float tensors);
+  alias    the same tensor as an earlier entry (tied weights).
+Bins lie on the grid delta = 2 ** (j / BIN_STEPS) and are stored as the integer j.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mdlgrok.complexity.codecs import (BYTE_CODECS, CODEC_IDS, CODEC_NAMES, ENTROPY_CODEC, Reader, ans_decode,
+                                       ans_encode, choose_model, varint, zigzag)
+
+MAGIC = 0xD1
+BIN_STEPS = 8  # bins on a grid of 2^(1/8)
+KINDS = ("zero", "dense", "lowrank", "raw", "alias")
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+          torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def bin_width(j: int) -> float:
+    return 2.0 ** (j / BIN_STEPS)
+
+
+@dataclass
+class Entry:
+    """One state-dict entry, coarse-grained."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str
+    codes: tuple[np.ndarray, ...] = ()  # int64; dense: (flat,), lowrank: (A, B) flattened
+    bins: tuple[int, ...] = ()  # exponents j, one per code array
+    rank: int = 0
+    raw: bytes = b""
+    alias: int = -1
+    matrix: tuple[int, int] = field(default=(0, 0), repr=False)  # (m, n) view for lowrank
+
+    def __post_init__(self):
+        if self.kind == "lowrank" and self.matrix == (0, 0):
+            self.matrix = matrix_shape(self.shape)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view of a tensor: (first dim, product of the rest)."""
+    return shape[0], int(np.prod(shape[1:], dtype=np.int64))
+
+
+def entry_tensor(e: Entry, earlier: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The tensor an entry stands for; the single definition used by search and decoder."""
+    if e.kind == "zero":
+        return torch.zeros(e.shape, dtype=e.dtype)
+    if e.kind == "dense":
+        values = e.codes[0].astype(np.float64) * bin_width(e.bins[0])
+        return torch.from_numpy(values.reshape(e.shape)).to(e.dtype)
+    if e.kind == "lowrank":
+        (m, n), k = e.matrix, e.rank
+        a = e.codes[0].reshape(m, k).astype(np.float64) * bin_width(e.bins[0])
+        b = e.codes[1].reshape(k, n).astype(np.float64) * bin_width(e.bins[1])
+        return torch.from_numpy((a @ b).reshape(e.shape)).to(e.dtype)
+    if e.kind == "raw":
+        flat = torch.frombuffer(bytearray(e.raw), dtype=torch.uint8) if e.raw else torch.empty(0, dtype=torch.uint8)
+        return flat.view(e.dtype).reshape(e.shape).clone()
+    if e.kind == "alias":
+        return earlier[e.alias]
+    raise ValueError(f"unknown entry kind {e.kind!r}")
+
+
+def state_dict_of(entries: list[Entry]) -> "OrderedDict[str, torch.Tensor]":
+    out: list[torch.Tensor] = []
+    for e in entries:
+        out.append(entry_tensor(e, out))
+    return OrderedDict((e.name, t) for e, t in zip(entries, out))
+
+
+# ---------------------------------------------------------------- header
+def _header(entries: list[Entry]) -> bytes:
+    h = bytearray(varint(len(entries)))
+    for e in entries:
+        name = e.name.encode()
+        h += varint(len(name)) + name + bytes([DTYPES.index(e.dtype), KINDS.index(e.kind)])
+        h += varint(len(e.shape)) + b"".join(varint(d) for d in e.shape)
+        if e.kind == "dense":
+            h += varint(zigzag(e.bins[0]))
+        elif e.kind == "lowrank":
+            h += varint(e.rank) + varint(zigzag(e.bins[0])) + varint(zigzag(e.bins[1]))
+        elif e.kind == "raw":
+            h += varint(len(e.raw)) + e.raw
+        elif e.kind == "alias":
+            h += varint(e.alias)
+    return bytes(h)
+
+
+def _code_sizes(e: Entry) -> list[int]:
+    """Lengths of the code arrays of an entry, from its header alone."""
+    if e.kind == "dense":
+        return [int(np.prod(e.shape, dtype=np.int64))]
+    if e.kind == "lowrank":
+        m, n = e.matrix
+        return [m * e.rank, e.rank * n]
+    return []
+
+
+def _read_header(r: Reader) -> list[Entry]:
+    entries = []
+    for i in range(r.varint()):
+        name = r.take(r.varint()).decode()
+        dtype_id, kind_id = r.take(2)
+        if dtype_id >= len(DTYPES) or kind_id >= len(KINDS):
+            raise ValueError("payload is corrupt (unknown dtype or kind)")
+        shape = tuple(r.varint() for _ in range(r.varint()))
+        e = Entry(name, shape, DTYPES[dtype_id], KINDS[kind_id])
+        if e.kind == "dense":
+            e.bins = (r.svarint(),)
+        elif e.kind == "lowrank":
+            e.rank, e.bins = r.varint(), (r.svarint(), r.svarint())
+            e.matrix = matrix_shape(shape)
+        elif e.kind == "raw":
+            e.raw = r.take(r.varint())
+        elif e.kind == "alias" and not 0 <= (alias := r.varint()) < i:
+            raise ValueError("payload is corrupt (alias to a later entry)")
+        elif e.kind == "alias":
+            e.alias = alias
+        entries.append(e)
+    return entries
+
+
+# ---------------------------------------------------------------- code streams
+def _planes(codes: np.ndarray) -> bytes:
+    """Zigzag codes as byte planes of the narrowest width: byte compressors like that layout."""
+    z = (codes << 1) ^ (codes >> 63) if codes.size else codes
+    top = int(z.max()) if z.size else 0
+    width = next(w for w in (1, 2, 4, 8) if top < 256**w)
+    return bytes([width]) + z.astype(f"<u{width}").view(np.uint8).reshape(-1, width).T.tobytes()
+
+
+def _unplanes(r: Reader, total: int) -> np.ndarray:
+    width = r.take(1)[0]
+    if width not in (1, 2, 4, 8):
+        raise ValueError("payload is corrupt (code width)")
+    raw = np.frombuffer(r.take(total * width), dtype=np.uint8).reshape(width, total).T.copy()
+    z = raw.view(f"<u{width}").reshape(-1).astype(np.int64)
+    return (z >> 1) ^ -(z & 1)
+
+
+def _models_bytes(models: list[tuple]) -> bytes:
+    out = bytearray()
+    for m in models:
+        out += bytes([("const", "hist", "laplace").index(m[0])])
+        if m[0] == "const":
+            out += varint(zigzag(m[1]))
+        elif m[0] == "hist":
+            out += varint(zigzag(m[1])) + varint(len(m[2])) + b"".join(varint(int(c)) for c in m[2])
+        else:
+            out += varint(zigzag(m[1])) + varint(zigzag(m[2])) + np.array(m[3:], dtype="<f4").tobytes()
+    return bytes(out)
+
+
+def _read_models(r: Reader, n: int) -> list[tuple]:
+    models = []
+    for _ in range(n):
+        kind = r.take(1)[0]
+        if kind == 0:
+            models.append(("const", r.svarint()))
+        elif kind == 1:
+            lo, k = r.svarint(), r.varint()
+            models.append(("hist", lo, np.array([r.varint() for _ in range(k)], dtype=np.int64)))
+        elif kind == 2:
+            lo, hi = r.svarint(), r.svarint()
+            mean, scale = np.frombuffer(r.take(8), dtype="<f4").astype(np.float64)
+            models.append(("laplace", lo, hi, float(mean), float(scale)))
+        else:
+            raise ValueError("payload is corrupt (entropy model)")
+    return models
+
+
+# ---------------------------------------------------------------- encode / decode
+def _smallest_byte_codec(data: bytes) -> bytes:
+    return min((bytes([CODEC_IDS[name]]) + comp(data) for name, (comp, _) in BYTE_CODECS.items()), key=len)
+
+
+def encode(entries: list[Entry], codec: str) -> bytes:
+    """The payload of `entries` under one codec."""
+    header = _header(entries)
+    arrays = [c for e in entries for c in e.codes]
+    if codec == ENTROPY_CODEC:
+        models = [choose_model(a) if a.size else ("const", 0) for a in arrays]
+        meta = _smallest_byte_codec(header + _models_bytes(models))
+        body = varint(len(meta)) + meta + ans_encode(arrays, models)
+    else:
+        codes = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+        body = BYTE_CODECS[codec][0](varint(len(header)) + header + _planes(codes))
+    out = bytes([MAGIC, CODEC_IDS[codec]]) + body
+    return out + zlib.crc32(out).to_bytes(4, "little")
+
+
+def encode_all(entries: list[Entry]) -> dict[str, bytes]:
+    """The payload under every codec; the description is the shortest."""
+    return {name: encode(entries, name) for name in CODEC_IDS}
+
+
+def decode_entries(payload: bytes) -> tuple[list[Entry], str]:
+    """Entries and codec name from a payload; ValueError on anything malformed."""
+    if not isinstance(payload, (bytes, bytearray)) or len(payload) < 6:
+        raise ValueError("payload is empty or too short")
+    payload = bytes(payload)
+    if payload[0] != MAGIC or payload[1] not in CODEC_NAMES:
+        raise ValueError("payload is not an mdlgrok description (bad magic or codec byte)")
+    if zlib.crc32(payload[:-4]).to_bytes(4, "little") != payload[-4:]:
+        raise ValueError("payload is corrupt (checksum mismatch)")
+    codec = CODEC_NAMES[payload[1]]
+    try:
+        return _decode_body(payload[2:-4], codec), codec
+    except ValueError:
+        raise
+    except Exception as exc:  # codec libraries raise their own types on garbage
+        raise ValueError(f"payload is corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def _decode_body(body: bytes, codec: str) -> list[Entry]:
+    if codec == ENTROPY_CODEC:
+        r = Reader(body)
+        meta = r.take(r.varint())
+        if not meta or meta[0] not in CODEC_NAMES or CODEC_NAMES[meta[0]] == ENTROPY_CODEC:
+            raise ValueError("payload is corrupt (header codec)")
+        hr = Reader(BYTE_CODECS[CODEC_NAMES[meta[0]]][1](meta[1:]))
+        entries = _read_header(hr)
+        sizes = [n for e in entries for n in _code_sizes(e)]
+        arrays = ans_decode(r.rest(), sizes, _read_models(hr, len(sizes)))
+    else:
+        r = Reader(BYTE_CODECS[codec][1](body))
+        entries = _read_header(Reader(r.take(r.varint())))
+        sizes = [n for e in entries for n in _code_sizes(e)]
+        flat = _unplanes(r, sum(sizes))
+        arrays = np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
+        if r.pos != len(r.data):
+            raise ValueError("payload is corrupt (trailing bytes)")
+    it = iter(arrays)
+    for e in entries:
+        e.codes = tuple(next(it) for _ in _code_sizes(e))
+    return entries
+
+
+def decode(payload: bytes) -> "OrderedDict[str, torch.Tensor]":
+    """Rebuild the coarse-grained state dict from a payload alone."""
+    return state_dict_of(decode_entries(payload)[0])

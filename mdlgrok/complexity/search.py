@@ -1,0 +1,240 @@
+"""mdlgrok's search: per-tensor ranks and bins for every eps from one shared set of loss calls.
+
+1. Options. For every tensor, candidate coarse-grainings (zero, dense codes at every bin of
+   a 2^(1/4) grid, and for matrices rank-k factors at every bin) with their estimated bits
+   (empirical entropy of the codes) and squared error; only the lower convex hull of
+   (error, bits) is kept.
+2. Sensitivity. The loss increase per unit of squared error of each tensor, s_t, from an
+   antithetic noise probe: (L(w+z) + L(w-z) - 2 L(w)) / (2 |z|^2) cancels the gradient term.
+3. Path. With predicted loss increase sum_t s_t err_t, the optimal allocation for a
+   multiplier lambda picks on each hull the point minimizing bits + lambda s_t err_t
+   (Shoham & Gersho 1988). Sweeping lambda is a greedy walk: always take the hull step
+   that saves the most bits per unit of predicted loss.
+4. Search. For each eps, a binary search along the path with the real loss on the full
+   training set (cached, shared by all eps), then a greedy pass that coarsens single
+   tensors further while the constraint holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mdlgrok.complexity.codecs import empirical_bits
+from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, lowrank_entry, quantize,
+                                       raw_entry, zero_entry)
+from mdlgrok.complexity.payload import Entry, bin_width, state_dict_of
+
+MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
+BIN_STRIDE = 2  # options on every second grid point: bins a factor 2^(1/4) apart
+FINEST_BITS = 14  # finest bin: max|w| / 2^14
+PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
+RANKS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224,
+         256, 320, 384, 448, 512)
+
+
+class LossError(ValueError):
+    """The loss closure raised or returned a non-finite value for the original model."""
+
+
+class LossOracle:
+    """Evaluates loss_fn on a private copy of the model with given tensors swapped in."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float]):
+        self.probe = copy.deepcopy(model)
+        self.slots = self.probe.state_dict(keep_vars=False)
+        self.original = {k: v.detach().clone() for k, v in self.slots.items()}
+        self.loss_fn, self.calls = loss_fn, 0
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> float:
+        """Loss with `tensors` in place of the originals (the others are the originals)."""
+        with torch.no_grad():
+            for name, slot in self.slots.items():
+                slot.copy_(tensors.get(name, self.original[name]))
+        self.calls += 1
+        try:
+            value = float(self.loss_fn(self.probe))
+        except Exception as exc:
+            raise LossError(f"the loss closure raised {type(exc).__name__}: {exc}") from exc
+        return value if math.isfinite(value) else math.inf
+
+
+@dataclass
+class Option:
+    kind: str  # zero | dense | lowrank
+    bits: float  # estimated
+    err: float  # squared error |W - W_hat|_F^2
+    j: int = 0
+    k: int = 0
+
+    def entry(self, t: Target) -> Entry:
+        if self.kind == "zero":
+            return zero_entry(t)
+        if self.kind == "dense":
+            return dense_entry(t, self.j)
+        return lowrank_entry(t, self.k, self.j)
+
+
+def _bin_range(amax: float) -> range:
+    if not amax > 0:
+        return range(0)
+    hi = bin_index(2 * amax)
+    return range(bin_index(amax / 2**FINEST_BITS), hi + 1, BIN_STRIDE)
+
+
+def _dense_options(t: Target) -> list[Option]:
+    out = []
+    for j in _bin_range(float(np.abs(t.w).max())):
+        codes = quantize(t.w, j)
+        if codes.any():
+            err = float(((codes * bin_width(j) - t.w) ** 2).sum())
+            out.append(Option("dense", empirical_bits(codes) + MODEL_BITS, err, j=j))
+    return out
+
+
+def _lowrank_options(t: Target) -> list[Option]:
+    _, s, _ = t.svd()
+    out = []
+    tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])  # tail[k] = sum_{i>=k} s_i^2
+    for k in (r for r in RANKS if r <= t.max_lowrank()):
+        a, b = factors(t, k)
+        for j in _bin_range(max(float(np.abs(a).max()), float(np.abs(b).max()))):
+            qa, qb = quantize(a, j), quantize(b, j)
+            da, db = qa * bin_width(j) - a, qb * bin_width(j) - b
+            # |W - A'B'|^2 ~ truncation + sum_i s_i (|dA_i|^2 + |dB_i|^2): the parts are orthogonal
+            err = tail[k] + float((s[:k] * ((da**2).sum(0) + (db**2).sum(1))).sum())
+            out.append(Option("lowrank", empirical_bits(qa) + empirical_bits(qb) + 2 * MODEL_BITS, err, j=j, k=k))
+    return out
+
+
+def lower_hull(options: list[Option]) -> list[Option]:
+    """The lower convex hull of (err, bits), from the finest (most bits) to the coarsest."""
+    pts = sorted(options, key=lambda o: (o.err, o.bits))
+    pareto: list[Option] = []
+    for o in pts:
+        if not pareto or o.bits < pareto[-1].bits:
+            pareto.append(o)
+    hull: list[Option] = []
+    for o in pareto:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b if it lies on or above the segment a -> o
+            if (b.bits - a.bits) * (o.err - a.err) >= (o.bits - a.bits) * (b.err - a.err):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+def options_for(t: Target, lowrank: bool = True) -> list[Option]:
+    opts = [Option("zero", 0.0, float((t.w**2).sum()))] + _dense_options(t)
+    if lowrank and t.is_matrix:
+        opts += _lowrank_options(t)
+    return lower_hull(opts)
+
+
+def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Generator) -> float:
+    """Loss increase per unit squared error of tensor t, from antithetic uniform noise."""
+    rms = float(np.sqrt((t.w**2).mean())) or 1e-3
+    direction = rng.uniform(-1.0, 1.0, size=t.w.shape) * math.sqrt(3.0)  # unit variance
+    r, curv, norm2 = 0.05, 0.0, 1.0
+    for _ in range(4):
+        z = direction * r * rms
+        norm2 = float((z**2).sum())
+        plus = oracle({t.name: _as_tensor(t, t.w + z)})
+        minus = oracle({t.name: _as_tensor(t, t.w - z)})
+        curv = (plus + minus) / 2 - base
+        if not math.isfinite(curv):
+            r /= 10
+            continue
+        if PROBE_TARGET / 10 <= curv <= PROBE_TARGET * 10 or r >= 10:
+            break
+        r = float(np.clip(r * math.sqrt(PROBE_TARGET / max(curv, 1e-9)), r / 30, min(r * 30, 10.0)))
+    return max(curv, 0.0) / norm2 if math.isfinite(curv) else 1e6 / norm2
+
+
+def _as_tensor(t: Target, flat: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(flat.reshape(t.shape)).to(t.tensor.dtype)
+
+
+class Search:
+    """State of one checkpoint's search, shared by all eps."""
+
+    def __init__(self, targets: list[Target], oracle: LossOracle, base: float, lowrank: bool = True, seed: int = 0):
+        self.targets, self.oracle, self.base = targets, oracle, base
+        self.free = [t for t in targets if t.quantizable]
+        self.hulls = [options_for(t, lowrank) for t in self.free]
+        rng = np.random.default_rng(seed)
+        self.sens = [sensitivity(t, oracle, base, rng) for t in self.free]
+        self.path = self._path()
+        self.cache: dict[tuple[int, ...], float] = {}
+
+    def _path(self) -> list[tuple[int, ...]]:
+        """Configurations (hull index per tensor) from the finest to the coarsest."""
+        steps = []
+        for i, (hull, s) in enumerate(zip(self.hulls, self.sens)):
+            for h in range(len(hull) - 1):
+                saved = hull[h].bits - hull[h + 1].bits
+                cost = s * (hull[h + 1].err - hull[h].err)
+                steps.append((saved / cost if cost > 0 else math.inf, i, h + 1))
+        steps.sort(key=lambda x: -x[0])  # hull convexity keeps each tensor's steps in order
+        config = [0] * len(self.free)
+        path = [tuple(config)]
+        for _, i, h in steps:
+            config[i] = h
+            path.append(tuple(config))
+        return path
+
+    def entries(self, config: tuple[int, ...] | None) -> list[Entry]:
+        """Entries of a configuration; None is the lossless fallback (raw bytes)."""
+        free = iter(range(len(self.free)))
+        out = []
+        for t in self.targets:
+            if t.quantizable and config is not None:
+                i = next(free)
+                out.append(self.hulls[i][config[i]].entry(t))
+            else:
+                out.append(raw_entry(t))
+        return out
+
+    def loss(self, config: tuple[int, ...]) -> float:
+        if config not in self.cache:
+            self.cache[config] = self.oracle(state_dict_of(self.entries(config)))
+        return self.cache[config]
+
+    def feasible(self, config: tuple[int, ...], eps: float) -> bool:
+        return self.loss(config) <= self.base + eps
+
+    def bits(self, config: tuple[int, ...]) -> float:
+        return sum(h[c].bits for h, c in zip(self.hulls, config))
+
+    def best(self, eps: float, polish: bool = True) -> tuple[int, ...] | None:
+        """The configuration with the fewest bits found feasible for eps (None: lossless)."""
+        if not self.feasible(self.path[0], eps):
+            return None
+        lo, hi = 0, len(self.path) - 1  # path[lo] feasible; search the last feasible index
+        if self.feasible(self.path[hi], eps):
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.feasible(self.path[mid], eps) else (lo, mid)
+        config = self.path[lo]
+        return self._polish(config, eps) if polish else config
+
+    def _polish(self, config: tuple[int, ...], eps: float) -> tuple[int, ...]:
+        """Coarsen single tensors one hull step further, largest saving first, while feasible."""
+        config = list(config)
+        order = sorted((i for i in range(len(config)) if config[i] + 1 < len(self.hulls[i])),
+                       key=lambda i: self.hulls[i][config[i] + 1].bits - self.hulls[i][config[i]].bits)
+        for i in order:
+            trial = config.copy()
+            trial[i] += 1
+            if self.feasible(tuple(trial), eps):
+                config = trial
+        return tuple(config)
