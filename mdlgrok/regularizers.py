@@ -57,12 +57,19 @@ def singular_values(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
     groups: dict[int, list[int]] = defaultdict(list)
     grams = []
     for i, w in enumerate(matrices):
+        # float64: the Gram squares the condition number, and in float32 its rounding would put a
+        # floor of ~3e-4 * s_max under the small singular values that the penalty pushes down.
+        w = w.double()
         gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
         grams.append(gram)
         groups[gram.shape[0]].append(i)
     out: list[torch.Tensor] = [None] * len(matrices)  # type: ignore[list-item]
     for idx in groups.values():
-        eig = torch.linalg.eigvalsh(torch.stack([grams[i] for i in idx]).double())
+        stacked = torch.stack([grams[i] for i in idx])
+        # Non-finite weights (a diverged run) give NaN singular values, so that the loss turns
+        # NaN and the run is stopped cleanly, instead of eigvalsh raising a LinAlgError.
+        finite = torch.isfinite(stacked).all(dim=(-2, -1), keepdim=True)
+        eig = torch.linalg.eigvalsh(torch.where(finite, stacked, 0.0)).masked_fill(~finite[..., 0], float("nan"))
         s = eig.clamp_min(0).add(1e-30).sqrt().to(matrices[0].dtype)
         for row, i in enumerate(idx):
             out[i] = s[row].flip(0)  # descending, like svdvals

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-COLUMNS = ["run_id", "epoch", "step", "metric", "value", "eps", "codec"]
+# DESIGN.md's columns, plus `estimator` ("mdlgrok" or "paper" on complexity rows, else empty).
+COLUMNS = ["run_id", "epoch", "step", "metric", "value", "eps", "codec", "estimator"]
 METRICS_FILE = "metrics.parquet"
 
 
@@ -53,16 +54,17 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
-def row(run_id: str, epoch: int, step: int, metric: str, value: float, eps: float = float("nan"), codec: str = "") -> dict:
+def row(run_id: str, epoch: int, step: int, metric: str, value: float, eps: float = float("nan"), codec: str = "",
+        estimator: str = "") -> dict:
     """One tidy metric row."""
     return {"run_id": run_id, "epoch": int(epoch), "step": int(step), "metric": metric,
-            "value": float(value), "eps": float(eps), "codec": codec}
+            "value": float(value), "eps": float(eps), "codec": codec, "estimator": estimator}
 
 
 def rows_to_frame(rows: Iterable[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(list(rows), columns=COLUMNS)
+    df = pd.DataFrame(list(rows), columns=COLUMNS).fillna({"codec": "", "estimator": ""})
     return df.astype({"run_id": str, "epoch": "int64", "step": "int64", "metric": str,
-                      "value": "float64", "eps": "float64", "codec": str})
+                      "value": "float64", "eps": "float64", "codec": str, "estimator": str})
 
 
 def write_table(path: Path, df: pd.DataFrame) -> None:
@@ -119,7 +121,10 @@ class RunDir:
         return sorted(self.ckpt_dir.glob("epoch_*.pt")) if self.ckpt_dir.exists() else []
 
     def read_metrics(self) -> pd.DataFrame:
-        return pd.read_parquet(self.metrics) if self.metrics.exists() else rows_to_frame([])
+        if not self.metrics.exists():
+            return rows_to_frame([])
+        df = pd.read_parquet(self.metrics)
+        return df.assign(**{c: "" for c in ("codec", "estimator") if c not in df})
 
 
 def save_checkpoint(path: Path, obj: dict) -> None:

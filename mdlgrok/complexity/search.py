@@ -28,12 +28,15 @@ import torch
 from mdlgrok.complexity.codecs import empirical_bits
 from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, lowrank_entry, quantize,
                                        raw_entry, zero_entry)
-from mdlgrok.complexity.payload import Entry, bin_width, state_dict_of
+from mdlgrok.complexity.payload import Entry, bin_width, entry_tensor
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
 BIN_STRIDE = 2  # options on every second grid point: bins a factor 2^(1/4) apart
 FINEST_BITS = 14  # finest bin: max|w| / 2^14
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
+SHRINKAGE = (0.0, 0.25, 0.5)  # exponents beta tried for the sensitivities
+POLISH_PASSES = 1
+POLISH_MIN_SHARE = 0.01  # polish tensors holding at least 1% of the bits
 RANKS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224,
          256, 320, 384, 448, 512)
 
@@ -53,9 +56,12 @@ class LossOracle:
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> float:
         """Loss with `tensors` in place of the originals (the others are the originals)."""
-        with torch.no_grad():
+        with torch.no_grad():  # originals first, then the given ones (tied weights share a slot)
             for name, slot in self.slots.items():
-                slot.copy_(tensors.get(name, self.original[name]))
+                if name not in tensors:
+                    slot.copy_(self.original[name])
+            for name, value in tensors.items():
+                self.slots[name].copy_(value)
         self.calls += 1
         try:
             value = float(self.loss_fn(self.probe))
@@ -172,13 +178,15 @@ class Search:
         self.hulls = [options_for(t, lowrank) for t in self.free]
         rng = np.random.default_rng(seed)
         self.sens = [sensitivity(t, oracle, base, rng) for t in self.free]
-        self.path = self._path()
+        self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
         self.cache: dict[tuple[int, ...], float] = {}
+        self.tensors: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, hull index) -> decoded tensor
+        self.bounds: dict[int, tuple[float, int]] = {}  # path -> (eps, an index infeasible for it)
 
-    def _path(self) -> list[tuple[int, ...]]:
+    def _path(self, sens: list[float]) -> list[tuple[int, ...]]:
         """Configurations (hull index per tensor) from the finest to the coarsest."""
         steps = []
-        for i, (hull, s) in enumerate(zip(self.hulls, self.sens)):
+        for i, (hull, s) in enumerate(zip(self.hulls, sens)):
             for h in range(len(hull) - 1):
                 saved = hull[h].bits - hull[h + 1].bits
                 cost = s * (hull[h + 1].err - hull[h].err)
@@ -205,8 +213,15 @@ class Search:
 
     def loss(self, config: tuple[int, ...]) -> float:
         if config not in self.cache:
-            self.cache[config] = self.oracle(state_dict_of(self.entries(config)))
+            state = {t.name: self._tensor(i, h) for i, (t, h) in enumerate(zip(self.free, config))}
+            self.cache[config] = self.oracle(state)
         return self.cache[config]
+
+    def _tensor(self, i: int, h: int) -> torch.Tensor:
+        """Decoded tensor of option h of tensor i (entry_tensor, as the decoder computes it)."""
+        if (i, h) not in self.tensors:
+            self.tensors[(i, h)] = entry_tensor(self.hulls[i][h].entry(self.free[i]))
+        return self.tensors[(i, h)]
 
     def feasible(self, config: tuple[int, ...], eps: float) -> bool:
         return self.loss(config) <= self.base + eps
@@ -216,25 +231,60 @@ class Search:
 
     def best(self, eps: float, polish: bool = True) -> tuple[int, ...] | None:
         """The configuration with the fewest bits found feasible for eps (None: lossless)."""
-        if not self.feasible(self.path[0], eps):
+        found = [c for c in (self._along(p, eps) for p in range(len(self.paths))) if c is not None]
+        if not found:
             return None
-        lo, hi = 0, len(self.path) - 1  # path[lo] feasible; search the last feasible index
-        if self.feasible(self.path[hi], eps):
-            lo = hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.feasible(self.path[mid], eps) else (lo, mid)
-        config = self.path[lo]
+        config = min(found, key=self.bits)
         return self._polish(config, eps) if polish else config
 
+    def _along(self, p: int, eps: float) -> tuple[int, ...] | None:
+        """Binary search for the last feasible configuration of path p (loss ~ monotone along it).
+
+        Called with eps in decreasing order, each search starts below the point found
+        infeasible for the previous, larger eps."""
+        path = self.paths[p]
+        if not self.feasible(path[0], eps):
+            return None
+        known_eps, hi = self.bounds.get(p, (math.inf, len(path) - 1))
+        lo, hi = 0, hi if eps <= known_eps else len(path) - 1
+        if self.feasible(path[hi], eps):
+            return path[hi]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.feasible(path[mid], eps) else (lo, mid)
+        self.bounds[p] = (eps, hi)
+        return path[lo]
+
     def _polish(self, config: tuple[int, ...], eps: float) -> tuple[int, ...]:
-        """Coarsen single tensors one hull step further, largest saving first, while feasible."""
+        """Coarsen single tensors hull step by hull step, largest saving first, while feasible."""
         config = list(config)
-        order = sorted((i for i in range(len(config)) if config[i] + 1 < len(self.hulls[i])),
-                       key=lambda i: self.hulls[i][config[i] + 1].bits - self.hulls[i][config[i]].bits)
-        for i in order:
-            trial = config.copy()
-            trial[i] += 1
-            if self.feasible(tuple(trial), eps):
-                config = trial
+        total = self.bits(tuple(config))
+        for _ in range(POLISH_PASSES):
+            order = sorted((i for i in range(len(config)) if config[i] + 1 < len(self.hulls[i])),
+                           key=lambda i: self.hulls[i][config[i] + 1].bits - self.hulls[i][config[i]].bits)
+            changed = False
+            for i in order:
+                if self.hulls[i][config[i]].bits < POLISH_MIN_SHARE * total:
+                    continue
+                while config[i] + 1 < len(self.hulls[i]):
+                    trial = config.copy()
+                    trial[i] += 1
+                    if not self.feasible(tuple(trial), eps):
+                        break
+                    config, changed = trial, True
+            if not changed:
+                break
         return tuple(config)
+
+
+def shrink(sens: list[float], beta: float) -> list[float]:
+    """Sensitivities pulled toward their geometric mean: s_t^beta (beta = 0: one bin scale for all).
+
+    The noise probe sees each tensor alone and near the original weights; the constraint
+    binds where all tensors are coarse at once and the loss is far from quadratic, so the
+    probe's spread is trusted only as far as the real loss confirms it."""
+    pos = [s for s in sens if s > 0]
+    if not pos:
+        return sens
+    g = math.exp(sum(math.log(s) for s in pos) / len(pos))
+    return [g * (s / g) ** beta if s > 0 else 0.0 for s in sens]

@@ -1,0 +1,54 @@
+"""Seaborn figures drawn from tidy tables only (no science computed here).
+
+Every figure: log-scaled epochs, accuracy and complexity together as in the paper, a band
+over seeds where a table holds several runs of one config. Saved as PDF and PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+
+def save(fig, path: str | Path) -> list[Path]:
+    """Write the figure as PDF and PNG (the suffix of `path` is replaced)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = [path.with_suffix(".pdf"), path.with_suffix(".png")]
+    for p in out:
+        fig.savefig(p, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def rise_and_fall(table: pd.DataFrame, path: str | Path, eps: float = 0.5, hue: str | None = None,
+                  title: str = "") -> list[Path]:
+    """Accuracy (top) and complexity in kB at one eps (bottom) against epoch, log-scaled."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, (ax_acc, ax_c) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
+    acc = table[table.metric.isin(["train_acc", "test_acc"])]
+    sns.lineplot(acc, x="epoch", y="value", hue=hue, style="metric", errorbar=("pi", 100), ax=ax_acc)
+    ax_acc.set(ylabel="accuracy", xscale="log", title=title)
+    comp = table[(table.metric == "complexity_bits") & (table.eps == eps)].assign(kB=lambda d: d.value / 8e3)
+    if "estimator" in comp:
+        comp = comp[comp.estimator.isin(["mdlgrok", ""])]
+    if len(comp):
+        sns.lineplot(comp, x="epoch", y="kB", hue=hue, errorbar=("pi", 100), marker="o", ax=ax_c)
+    ax_c.set(ylabel=f"complexity at eps={eps:g} (kB)", xlabel="epoch", xscale="log")
+    return save(fig, path)
+
+
+def complexity_by_eps(table: pd.DataFrame, path: str | Path, title: str = "") -> list[Path]:
+    """Complexity in kB against epoch, one line per eps."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    comp = table[table.metric == "complexity_bits"].assign(kB=lambda d: d.value / 8e3)
+    sns.lineplot(comp, x="epoch", y="kB", hue="eps", palette="viridis", errorbar=("pi", 100), ax=ax)
+    ax.set(xscale="log", ylabel="complexity (kB)", title=title)
+    return save(fig, path)
