@@ -227,7 +227,11 @@ def start_run(cfg: TrainConfig, run: RunDir, resume: bool) -> Trainer:
     if run.exists() and not resume:
         raise RunExistsError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
     if resume and run.config.exists():
-        check_resumable(TrainConfig.from_dict(json.loads(run.config.read_text())), cfg, run)
+        try:
+            saved = TrainConfig.from_dict(json.loads(run.config.read_text()))
+        except (ValueError, TypeError, AttributeError) as exc:  # truncated, not JSON, or not a config
+            raise ValueError(f"--resume: cannot read {run.config} ({exc})") from None
+        check_resumable(saved, cfg, run)
     trainer = Trainer(cfg, run)
     checkpoints = run.checkpoints() if resume else []
     if checkpoints:
