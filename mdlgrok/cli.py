@@ -92,9 +92,10 @@ def cmd_train(a) -> int:
 
 def cmd_measure(a) -> int:
     from mdlgrok.measure import measure_run
+    from mdlgrok.results import RunDir
 
     table = measure_run(a.run, eps=a.eps, jobs=a.jobs, mode=a.mode, progress=not a.quiet)
-    print(f"measured {table.epoch.nunique()} checkpoints of {a.run} into {a.run}/complexity.parquet")
+    print(f"measured {table.epoch.nunique()} checkpoints of {a.run} into {RunDir(a.run).metrics}")
     return 0
 
 

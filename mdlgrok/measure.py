@@ -127,7 +127,7 @@ def measure_run(run_path: str, eps, jobs: int = 1, mode: str = "mdlgrok", progre
     rows: list[dict] = []
     if jobs == 1:
         for i, path in enumerate(checkpoints):
-            rows += measure_checkpoint(str(path), eps, mode, threads)
+            rows += measure_checkpoint(str(path), eps, mode)  # in-process: keep the caller's thread setting
             _progress(progress, i + 1, len(checkpoints), path)
     else:
         with ProcessPoolExecutor(jobs, mp_context=torch.multiprocessing.get_context("spawn")) as pool:

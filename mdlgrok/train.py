@@ -71,8 +71,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch is not None and self.batch < 0:
             raise ValueError(f"batch must be non-negative (0 = full batch), got {self.batch}")
-        if any(e <= 0 for e in self.eps):
-            raise ValueError(f"every eps must be positive, got {list(self.eps)}")
+        if any(not (e > 0 and math.isfinite(e)) for e in self.eps):
+            raise ValueError(f"every eps must be a positive finite number of nats, got {list(self.eps)}")
 
     def task_config(self) -> TaskConfig:
         return TaskConfig(self.task, self.p, self.frac, self.seed)

@@ -112,8 +112,8 @@ def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None) -> Entry:
         return zero_entry(t)
     a, b = factors(t, k)
     jb = ja if jb is None else jb
-    return Entry(t.name, t.shape, t.tensor.dtype, "lowrank", codes=(quantize(a, ja).ravel(), quantize(b, jb).ravel()),
-                 bins=(ja, jb), rank=k)
+    codes = (quantize(a, ja).ravel(), quantize(b, jb).ravel())
+    return Entry(t.name, t.shape, t.tensor.dtype, "lowrank", codes=codes, bins=(ja, jb), rank=k)
 
 
 def raw_entry(t: Target) -> Entry:

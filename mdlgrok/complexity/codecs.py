@@ -68,9 +68,16 @@ def empirical_bits(codes: np.ndarray) -> float:
     """n * H(empirical distribution) in bits: what an ideal coder with a known histogram spends."""
     if codes.size == 0:
         return 0.0
-    counts = np.unique(codes, return_counts=True)[1]
-    p = counts / codes.size
-    return float(-(counts * np.log2(p)).sum())
+    lo, hi = int(codes.min()), int(codes.max())
+    counts = np.bincount((codes - lo).ravel()) if hi - lo <= 4 * codes.size else np.unique(codes, return_counts=True)[1]
+    return counts_bits(counts)
+
+
+def counts_bits(counts: np.ndarray) -> float:
+    """n * H of a histogram, in bits: n log2 n - sum c log2 c."""
+    counts = counts[counts > 0].astype(np.float64)
+    n = counts.sum()
+    return float(n * np.log2(n) - (counts * np.log2(counts)).sum()) if n else 0.0
 
 
 def _laplace_fit(codes: np.ndarray) -> tuple[float, float]:
@@ -94,6 +101,8 @@ def choose_model(codes: np.ndarray) -> tuple:
     lo, hi = int(codes.min()), int(codes.max())
     if lo == hi:
         return ("const", lo)
+    if hi - lo >= 2**PROB_FLOOR_BITS or lo < -2**31 or hi >= 2**31:  # constriction: 24-bit probabilities, i32 symbols
+        raise ValueError(f"codes in [{lo}, {hi}] are too wide for the entropy coder; use a byte codec")
     counts = np.bincount(codes - lo)
     hist_cost = empirical_bits(codes) + 8 * sum(len(varint(int(c))) for c in counts)
     mean, scale = _laplace_fit(codes)
@@ -136,6 +145,9 @@ def ans_decode(data: bytes, sizes: list[int], models: list[tuple]) -> list[np.nd
             continue
         sym = np.asarray(coder.decode(_constriction_model(model), n), dtype=np.int64)
         out.append(sym + model[1] if model[0] == "hist" else sym)
+    coded = any(n and model[0] != "const" for n, model in zip(sizes, models))
+    if not coder.is_empty() or (coded and not data):  # a valid stream is used up exactly
+        raise ValueError("ANS stream is corrupt (missing or left-over words)")
     return out
 
 

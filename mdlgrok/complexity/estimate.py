@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from mdlgrok.complexity.codecs import codec_versions
 from mdlgrok.complexity.coarse import targets_of
@@ -93,9 +94,11 @@ def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float]
     start = time.perf_counter()
     oracle = LossOracle(model, loss_fn)
     base = base_loss(oracle)
-    search = Search(targets_of(oracle.original), oracle, base, lowrank=lowrank, seed=seed)
-    configs = {e: search.best(e, polish=polish) for e in sorted(eps, reverse=True)}
-    verified = [verify(search.entries(c), oracle) for c in dict.fromkeys(configs.values())]
+    # numpy's BLAS threads only spin on these small SVDs and products; torch keeps its own.
+    with threadpool_limits(1, user_api="blas"):
+        search = Search(targets_of(oracle.original), oracle, base, lowrank=lowrank, seed=seed)
+        configs = {e: search.best(e, polish=polish) for e in sorted(eps, reverse=True)}
+        verified = [verify(search.entries(c), oracle) for c in dict.fromkeys(configs.values())]
     naive = naive_bits(model)
     seconds = time.perf_counter() - start
     results = []

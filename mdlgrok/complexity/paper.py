@@ -112,7 +112,8 @@ def paper_estimate(model: torch.nn.Module, loss_fn: Callable, eps: list[float], 
             payload, loss, (tau, log_delta) = min(feasible, key=lambda p: len(p[0]))
         else:  # nothing met the constraint: the lossless float32 weights
             payload = size_bytes({t.name: [t.w.astype(np.float32)] for t in targets if t.quantizable})
-            loss, tau, log_delta = base, 1.0, -math.inf
+            # measured, not assumed: float32 is lossless only for float32 (and narrower) weights
+            loss, tau, log_delta = oracle(decode_paper(payload, shapes)), 1.0, -math.inf
         extra = _paper_extra(eval_fn, oracle, payload, shapes)
         results.append(Result(e, 8 * len(payload), payload, "bz2-pickle", {"bz2-pickle": 8 * len(payload)}, naive,
                               base, loss, [{"tau": tau, "delta": 10.0**log_delta}], oracle.calls - calls0,

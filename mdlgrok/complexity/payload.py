@@ -216,7 +216,14 @@ def encode(entries: list[Entry], codec: str) -> bytes:
 
 def encode_all(entries: list[Entry]) -> dict[str, bytes]:
     """The payload under every codec; the description is the shortest."""
-    return {name: encode(entries, name) for name in CODEC_IDS}
+    out = {}
+    for name in CODEC_IDS:
+        try:
+            out[name] = encode(entries, name)
+        except ValueError:  # only the entropy coder refuses input (codes too wide for it)
+            if name != ENTROPY_CODEC:
+                raise
+    return out
 
 
 def decode_entries(payload: bytes) -> tuple[list[Entry], str]:
@@ -231,8 +238,8 @@ def decode_entries(payload: bytes) -> tuple[list[Entry], str]:
     codec = CODEC_NAMES[payload[1]]
     try:
         return _decode_body(payload[2:-4], codec), codec
-    except ValueError:
-        raise
+    except ValueError as exc:  # ours name the payload; bz2 and others raise bare ValueErrors
+        raise exc if str(exc).startswith("payload") else ValueError(f"payload is corrupt ({exc})") from None
     except Exception as exc:  # codec libraries raise their own types on garbage
         raise ValueError(f"payload is corrupt ({type(exc).__name__}: {exc})") from None
 

@@ -1,7 +1,7 @@
 """mdlgrok's search: per-tensor ranks and bins for every eps from one shared set of loss calls.
 
 1. Options. For every tensor, candidate coarse-grainings (zero, dense codes at every bin of
-   a 2^(1/4) grid, and for matrices rank-k factors at every bin) with their estimated bits
+   a 2^(1/8) grid, and for matrices rank-k factors at every bin) with their estimated bits
    (empirical entropy of the codes) and squared error; only the lower convex hull of
    (error, bits) is kept.
 2. Sensitivity. The loss increase per unit of squared error of each tensor, s_t, from an
@@ -31,11 +31,11 @@ from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, 
 from mdlgrok.complexity.payload import Entry, bin_width, entry_tensor
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
-BIN_STRIDE = 2  # options on every second grid point: bins a factor 2^(1/4) apart
+BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
 FINEST_BITS = 14  # finest bin: max|w| / 2^14
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
 SHRINKAGE = (0.0, 0.25, 0.5)  # exponents beta tried for the sensitivities
-POLISH_PASSES = 1
+POLISH_PASSES = 2
 POLISH_MIN_SHARE = 0.01  # polish tensors holding at least 1% of the bits
 RANKS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224,
          256, 320, 384, 448, 512)
@@ -51,7 +51,7 @@ class LossOracle:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float]):
         self.probe = copy.deepcopy(model)
         self.slots = self.probe.state_dict(keep_vars=False)
-        self.original = {k: v.detach().clone() for k, v in self.slots.items()}
+        self.original = copy.deepcopy(self.slots)  # a deep copy keeps tied weights tied (targets_of aliases them)
         self.loss_fn, self.calls = loss_fn, 0
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> float:
@@ -104,18 +104,42 @@ def _dense_options(t: Target) -> list[Option]:
 
 
 def _lowrank_options(t: Target) -> list[Option]:
+    """Rank-k factor options for every rank and bin.
+
+    The rank-k factors are the first k columns of A and rows of B, so each bin is quantized
+    once at the largest rank and every smaller rank reads its error and code histogram off
+    cumulative sums over components."""
+    ranks = [r for r in RANKS if r <= t.max_lowrank()]
+    if not ranks:
+        return []
     _, s, _ = t.svd()
-    out = []
+    big = ranks[-1]
+    a, b = factors(t, big)
     tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])  # tail[k] = sum_{i>=k} s_i^2
-    for k in (r for r in RANKS if r <= t.max_lowrank()):
-        a, b = factors(t, k)
-        for j in _bin_range(max(float(np.abs(a).max()), float(np.abs(b).max()))):
-            qa, qb = quantize(a, j), quantize(b, j)
-            da, db = qa * bin_width(j) - a, qb * bin_width(j) - b
-            # |W - A'B'|^2 ~ truncation + sum_i s_i (|dA_i|^2 + |dB_i|^2): the parts are orthogonal
-            err = tail[k] + float((s[:k] * ((da**2).sum(0) + (db**2).sum(1))).sum())
-            out.append(Option("lowrank", empirical_bits(qa) + empirical_bits(qb) + 2 * MODEL_BITS, err, j=j, k=k))
+    idx = np.array(ranks) - 1
+    out = []
+    for j in _bin_range(max(float(np.abs(a).max()), float(np.abs(b).max()))):
+        qa, qb = quantize(a, j), quantize(b, j)
+        da, db = qa * bin_width(j) - a, qb * bin_width(j) - b
+        # |W - A'B'|^2 ~ truncation + sum_i s_i (|dA_i|^2 + |dB_i|^2): the parts are orthogonal
+        err = tail[idx + 1] + np.cumsum(s[:big] * ((da**2).sum(0) + (db**2).sum(1)))[idx]
+        bits = _prefix_bits(qa.T, idx) + _prefix_bits(qb, idx) + 2 * MODEL_BITS
+        out += [Option("lowrank", float(bi), float(e), j=j, k=k) for k, bi, e in zip(ranks, bits, err)]
     return out
+
+
+def _prefix_bits(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Empirical-entropy bits of rows[:k + 1] (all of them together) for every k in idx."""
+    lo, width = int(rows.min()), int(rows.max() - rows.min()) + 1
+    if width * len(rows) > 4_000_000:  # very fine bins: one histogram per prefix
+        return np.array([empirical_bits(rows[:k + 1]) for k in idx])
+    offsets = (np.arange(len(rows)) * width)[:, None]
+    hist = np.bincount((rows - lo + offsets).ravel(), minlength=len(rows) * width).reshape(len(rows), width)
+    counts = np.cumsum(hist, axis=0)[idx].astype(np.float64)
+    n = counts.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        clog = np.where(counts > 0, counts * np.log2(counts), 0.0)
+    return n * np.log2(n) - clog.sum(1)
 
 
 def lower_hull(options: list[Option]) -> list[Option]:
@@ -181,7 +205,6 @@ class Search:
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
         self.cache: dict[tuple[int, ...], float] = {}
         self.tensors: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, hull index) -> decoded tensor
-        self.bounds: dict[int, tuple[float, int]] = {}  # path -> (eps, an index infeasible for it)
 
     def _path(self, sens: list[float]) -> list[tuple[int, ...]]:
         """Configurations (hull index per tensor) from the finest to the coarsest."""
@@ -240,19 +263,18 @@ class Search:
     def _along(self, p: int, eps: float) -> tuple[int, ...] | None:
         """Binary search for the last feasible configuration of path p (loss ~ monotone along it).
 
-        Called with eps in decreasing order, each search starts below the point found
-        infeasible for the previous, larger eps."""
+        Every eps searches the whole path: the loss is not strictly monotone along it, so an
+        interval narrowed by another eps can miss a cheaper feasible point. The cache makes
+        the shared part of the searches free."""
         path = self.paths[p]
         if not self.feasible(path[0], eps):
             return None
-        known_eps, hi = self.bounds.get(p, (math.inf, len(path) - 1))
-        lo, hi = 0, hi if eps <= known_eps else len(path) - 1
+        lo, hi = 0, len(path) - 1
         if self.feasible(path[hi], eps):
             return path[hi]
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.feasible(path[mid], eps) else (lo, mid)
-        self.bounds[p] = (eps, hi)
         return path[lo]
 
     def _polish(self, config: tuple[int, ...], eps: float) -> tuple[int, ...]:

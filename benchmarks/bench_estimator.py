@@ -1,0 +1,75 @@
+"""mdlgrok's search against the paper-faithful search, on the same checkpoints.
+
+    make bench-estimator                       # checkpoints of runs/demo (make demo first)
+    python benchmarks/bench_estimator.py RUN --epochs 86 247 600 --out results/estimator/bench.parquet
+
+Prints, per checkpoint and eps, the bytes of both searches and their ratio, then the wall
+time of all eps per checkpoint for both. Both use the full training set as constraint.
+The paper code itself takes 333 s for all 7 eps of one checkpoint on 2 cores (DESIGN.md sec. 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from mdlgrok.complexity import PAPER_EPS, estimate
+from mdlgrok.measure import closures, model_from_checkpoint
+from mdlgrok.results import RunDir, write_table
+
+PAPER_CODE_SECONDS = 333.0
+
+
+def bench_checkpoint(path: Path, eps) -> list[dict]:
+    model, data, epoch, _ = model_from_checkpoint(path)
+    loss_fn, _ = closures(data)
+    rows = []
+    for mode in ("mdlgrok", "paper"):
+        start = time.perf_counter()
+        results = estimate(model, loss_fn, eps, mode=mode)
+        seconds = time.perf_counter() - start
+        evals = sum(r.loss_evals for r in results) if mode == "paper" else results[0].loss_evals
+        for r in results:
+            rows.append({"epoch": epoch, "mode": mode, "eps": r.eps, "bytes": r.bits // 8, "coarse_loss": r.coarse_loss,
+                         "base_loss": r.base_loss, "naive_bytes": r.naive_bits // 8, "seconds_all_eps": seconds,
+                         "loss_evals_all_eps": evals})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", nargs="?", default="runs/demo")
+    ap.add_argument("--epochs", type=int, nargs="+", help="checkpoints to use (default: 3 spread over the run)")
+    ap.add_argument("--eps", type=float, nargs="+", default=list(PAPER_EPS))
+    ap.add_argument("--out", help="also write the table here (parquet)")
+    args = ap.parse_args()
+    run = RunDir(args.run)
+    ckpts = {int(p.stem.split("_")[1]): p for p in run.checkpoints()}
+    if not ckpts:
+        print(f"bench_estimator: {args.run} holds no checkpoints (run `make demo` first)", file=sys.stderr)
+        return 2
+    epochs = args.epochs or [e for e in sorted(ckpts) if e >= 50][:: max(1, len(ckpts) // 3)][:3]
+    rows = []
+    for e in epochs:
+        rows += bench_checkpoint(ckpts[e], args.eps)
+        print(f"checkpoint epoch {e} done", file=sys.stderr, flush=True)
+    df = pd.DataFrame(rows)
+    wide = df.pivot_table(index=["epoch", "eps"], columns="mode", values="bytes").sort_index(ascending=[True, False])
+    wide["mdlgrok/paper"] = wide["mdlgrok"] / wide["paper"]
+    print(wide.round(3).to_string())
+    t = df.groupby(["epoch", "mode"])[["seconds_all_eps", "loss_evals_all_eps"]].first().unstack("mode")
+    t[("speed-up", "paper/mdlgrok")] = t[("seconds_all_eps", "paper")] / t[("seconds_all_eps", "mdlgrok")]
+    t[("vs paper code", "333 s/mdlgrok")] = PAPER_CODE_SECONDS / t[("seconds_all_eps", "mdlgrok")]
+    print(t.round(2).to_string())
+    print(f"worst ratio mdlgrok/paper over all eps: {wide['mdlgrok/paper'].max():.3f}")
+    if args.out:
+        write_table(Path(args.out), df)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

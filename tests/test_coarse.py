@@ -1,0 +1,147 @@
+"""Coarse-graining: the rank convention, the paper's off-by-one, factors, quantization, targets."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, lowrank_entry, paper_rank, quantize,
+                                       rank_for_tau, raw_entry, targets_of)
+from mdlgrok.complexity.payload import bin_width, entry_tensor, matrix_shape
+
+FAST = settings(max_examples=80, deadline=None)
+singular_values = arrays(np.float64, st.integers(1, 40), elements=st.floats(1e-3, 1e3)).map(lambda s: np.sort(s)[::-1])
+
+
+# ---------------------------------------------------------------- rank convention
+def test_rank_for_tau_examples():
+    s = np.array([4.0, 3.0, 2.0, 1.0])  # cumulative 4, 7, 9, 10 of 10
+    assert rank_for_tau(s, 0.0) == 0
+    assert rank_for_tau(s, 0.1) == 1
+    assert rank_for_tau(s, 0.4) == 1  # reaching the fraction exactly is enough
+    assert rank_for_tau(s, 0.41) == 2
+    assert rank_for_tau(s, 0.7) == 2
+    assert rank_for_tau(s, 0.71) == 3
+    assert rank_for_tau(s, 0.9) == 3
+    assert rank_for_tau(s, 0.91) == 4
+    assert rank_for_tau(s, 1.0) == 4
+
+
+def test_paper_rank_is_one_fewer():
+    s = np.array([4.0, 3.0, 2.0, 1.0])
+    assert [paper_rank(s, tau) for tau in (0.0, 0.1, 0.41, 0.71, 1.0)] == [0, 0, 1, 2, 3]
+
+
+def test_rank_of_a_zero_matrix_is_zero():
+    assert rank_for_tau(np.zeros(5), 0.5) == 0
+    assert rank_for_tau(np.zeros(5), 1.0) == 0
+
+
+@FAST
+@given(singular_values, st.floats(0.0, 1.0))
+def test_rank_for_tau_is_the_smallest_k_reaching_tau(s, tau):
+    k = rank_for_tau(s, tau)
+    total, cum = s.sum(), np.cumsum(s)
+    assert 0 <= k <= len(s)
+    if tau == 0:
+        assert k == 0
+        return
+    assert k >= 1
+    assert cum[k - 1] >= tau * total * (1 - 1e-9)  # k values reach the fraction
+    if k > 1:
+        assert cum[k - 2] < tau * total  # k - 1 do not
+    assert paper_rank(s, tau) == k - 1
+
+
+@FAST
+@given(singular_values, st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_rank_is_monotone_in_tau(s, t1, t2):
+    lo, hi = sorted((t1, t2))
+    assert rank_for_tau(s, lo) <= rank_for_tau(s, hi)
+
+
+@FAST
+@given(singular_values)
+def test_tau_one_keeps_every_singular_value(s):
+    assert rank_for_tau(s, 1.0) == len(s)
+    assert paper_rank(s, 1.0) == len(s) - 1
+
+
+# ---------------------------------------------------------------- factors
+@pytest.mark.parametrize("shape", [(2, 2), (3, 5), (12, 10), (16, 64), (4, 2, 3, 3), (100, 3)])
+def test_max_lowrank_is_the_largest_cheaper_rank(shape):
+    t = Target(0, "w", torch.randn(shape))
+    m, n = matrix_shape(shape)
+    k = t.max_lowrank()
+    assert k * (m + n) < m * n
+    assert (k + 1) * (m + n) >= m * n
+
+
+def test_matrix_shape_flattens_trailing_dims():
+    assert matrix_shape((4, 2, 3, 3)) == (4, 18)
+    assert matrix_shape((7, 5)) == (7, 5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 12), st.integers(2, 12), st.integers(0, 2**32 - 1))
+def test_factors_reproduce_the_truncated_svd(m, n, seed):
+    w = torch.from_numpy(np.random.default_rng(seed).normal(size=(m, n)))
+    t = Target(0, "w", w)
+    u, s, vt = np.linalg.svd(w.numpy(), full_matrices=False)
+    for k in range(1, min(m, n) + 1):
+        a, b = factors(t, k)
+        assert a.shape == (m, k) and b.shape == (k, n)
+        np.testing.assert_allclose(a @ b, (u[:, :k] * s[:k]) @ vt[:k], atol=1e-10)
+        # balanced: both factors carry sqrt(s)
+        np.testing.assert_allclose(np.linalg.norm(a, axis=0), np.sqrt(s[:k]), rtol=1e-9)
+        np.testing.assert_allclose(np.linalg.norm(b, axis=1), np.sqrt(s[:k]), rtol=1e-9)
+    a, b = factors(t, min(m, n))
+    np.testing.assert_allclose(a @ b, w.numpy(), atol=1e-10)
+
+
+def test_lowrank_entry_decodes_near_the_truncated_svd():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 3, generator=g) @ torch.randn(3, 30, generator=g) + 1e-3 * torch.randn(20, 30, generator=g)
+    t = Target(0, "w", w)
+    e = lowrank_entry(t, 3, -64)  # bin 2^-8
+    assert e.kind == "lowrank" and e.rank == 3 and e.bins == (-64, -64)
+    assert [c.size for c in e.codes] == [20 * 3, 3 * 30]
+    assert (entry_tensor(e) - w).abs().max() < 0.05
+    assert lowrank_entry(t, 0, -64).kind == "zero"
+
+
+# ---------------------------------------------------------------- quantization
+@FAST
+@given(arrays(np.float64, st.integers(1, 50), elements=st.floats(-100, 100)), st.integers(-80, 40))
+def test_quantize_rounds_to_the_nearest_grid_point(x, j):
+    codes = quantize(x, j)
+    assert codes.dtype == np.int64
+    assert np.all(np.abs(codes * bin_width(j) - x) <= bin_width(j) / 2 * (1 + 1e-9))
+
+
+@given(st.integers(-200, 200))
+def test_bin_index_inverts_bin_width(j):
+    assert bin_index(bin_width(j)) == j
+
+
+def test_dense_entry_of_a_tensor_below_half_a_bin_is_zero():
+    t = Target(0, "b", torch.full((5,), 0.01))
+    assert dense_entry(t, 0).kind == "zero"  # bin 1: every value rounds to 0
+    e = dense_entry(t, -8 * 8)  # bin 2^-8
+    assert e.kind == "dense"
+    assert torch.allclose(entry_tensor(e), t.tensor, atol=2**-9)
+
+
+# ---------------------------------------------------------------- targets
+def test_targets_alias_tied_tensors_and_keep_non_floats_raw():
+    w = torch.randn(4, 6)
+    state = {"a": w, "b": torch.arange(3), "c": w, "d": w.clone(), "e": torch.zeros(0, 2), "f": torch.tensor(1.5)}
+    ts = targets_of(state)
+    assert [t.alias for t in ts] == [-1, -1, 0, -1, -1, -1]
+    assert [t.quantizable for t in ts] == [True, False, False, True, False, True]
+    assert [t.is_matrix for t in ts] == [True, False, False, True, False, False]
+    assert raw_entry(ts[2]).kind == "alias" and raw_entry(ts[2]).alias == 0
+    assert raw_entry(ts[1]).kind == "raw"
+

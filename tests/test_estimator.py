@@ -1,0 +1,325 @@
+"""The estimator is honest: every figure is the length of a real payload that decodes, with
+mdlgrok's own decoder, into weights whose loss (the caller's closure) meets the constraint."""
+
+import bz2
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+from mdlgrok.complexity import LossError, decode, estimate, naive_bits
+from mdlgrok.models import ModelConfig, build_model
+from mdlgrok.tasks import TaskConfig, make_dataset
+from mdlgrok.train import evaluate
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_blas_thread():
+    """numpy's BLAS with one thread, like torch here: oversubscribed BLAS threads on a busy
+    2-core machine make the SVDs (and the paper mode's Gaussian process) several times slower."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is optional
+        yield
+        return
+    with threadpool_limits(1):
+        yield
+
+
+# ---------------------------------------------------------------- models and closures
+def ce_closure(x, y):
+    def loss_fn(module):
+        with torch.no_grad():
+            return float(F.cross_entropy(module(x), y))
+    return loss_fn
+
+
+def tiny_transformer(seed=0):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(vocab=7, d_model=16, heads=2, d_mlp=32))  # p = 5
+
+
+def task_data():
+    return make_dataset(TaskConfig("add", 5, 0.6, 0))
+
+
+def trained_transformer():
+    data = task_data()
+    model = tiny_transformer(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(model(data.x_train), data.y_train).backward()
+        opt.step()
+    return model, data
+
+
+def train_generic(model, x, y, steps=150, lr=2e-2):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+class TiedLM(nn.Module):
+    """An embedding whose matrix is also the readout (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 8)
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 6, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mid(self.emb(x))))
+
+
+def check_honest(model, loss_fn, results, eps):
+    """The honesty contract, checked with an independent copy of the model."""
+    base = loss_fn(model)
+    assert [r.eps for r in results] == [float(e) for e in eps]
+    for r in results:
+        assert r.bits == 8 * len(r.payload)
+        assert r.codec_bits[r.codec] == r.bits == min(r.codec_bits.values())
+        assert r.base_loss == base
+        state = decode(r.payload)
+        assert list(state) == list(model.state_dict())
+        probe = copy.deepcopy(model)
+        probe.load_state_dict(state)
+        assert loss_fn(probe) == r.coarse_loss
+        assert r.coarse_loss <= base + r.eps
+        assert r.naive_bits == naive_bits(model)
+        assert r.ratio == r.naive_bits / r.bits
+        assert [c["name"] for c in r.choices] == list(model.state_dict())
+    by_eps = sorted(results, key=lambda r: r.eps)
+    assert all(a.bits >= b.bits for a, b in zip(by_eps, by_eps[1:])), [(r.eps, r.bits) for r in by_eps]
+
+
+# ---------------------------------------------------------------- honesty
+@pytest.fixture(scope="module")
+def trained():
+    model, data = trained_transformer()
+    loss_fn = lambda m: evaluate(m, data.x_train, data.y_train)[0]  # noqa: E731
+    eps = [0.0625, 1.0, 0.25, 4.0]
+    return model, data, loss_fn, eps, estimate(model, loss_fn, eps)
+
+
+def test_trained_transformer_is_honest(trained):
+    model, _, loss_fn, eps, results = trained
+    assert loss_fn(model) < 0.5  # it learned something: the constraint binds
+    check_honest(model, loss_fn, results, eps)
+
+
+def test_trained_transformer_compresses(trained):
+    _, _, _, _, results = trained
+    by_eps = {r.eps: r for r in results}
+    assert by_eps[4.0].bits < by_eps[0.0625].bits  # a looser tolerance buys a shorter description
+    assert all(r.bits < r.naive_bits for r in results)
+    assert all(r.loss_evals == results[0].loss_evals > 0 for r in results)  # one shared search
+    assert all(r.seconds == results[0].seconds > 0 for r in results)
+    assert all(r.mode == "mdlgrok" for r in results)
+
+
+def test_estimate_leaves_the_model_untouched(trained):
+    model, _, _, _, _ = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    estimate(model, lambda m: 1.0, eps=[1.0])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_estimate_is_deterministic(trained):
+    model, _, loss_fn, _, _ = trained
+    a = estimate(model, loss_fn, eps=[0.5, 2.0])
+    b = estimate(model, loss_fn, eps=[0.5, 2.0])
+    assert [r.payload for r in a] == [r.payload for r in b]
+
+
+def test_eval_fn_metrics_describe_the_decoded_model(trained):
+    model, data, loss_fn, _, _ = trained
+
+    def eval_fn(m):
+        return {"coarse_test_acc": evaluate(m, data.x_test, data.y_test)[1], "train_loss_again": loss_fn(m)}
+
+    (r,) = estimate(model, loss_fn, eps=[0.5], eval_fn=eval_fn)
+    probe = copy.deepcopy(model)
+    probe.load_state_dict(decode(r.payload))
+    assert r.extra == {"coarse_test_acc": evaluate(probe, data.x_test, data.y_test)[1],
+                       "train_loss_again": r.coarse_loss}
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), width=st.integers(2, 12), scale=st.sampled_from([0.01, 1.0, 30.0]),
+       eps=st.lists(st.sampled_from([4.0, 1.0, 0.3, 0.05, 1e-3]), min_size=1, max_size=4, unique=True))
+def test_random_models_are_honest(seed, width, scale, eps):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    x, y = torch.randn(32, 5, generator=g), torch.randint(0, 4, (32,), generator=g)
+    loss_fn = ce_closure(x, y)
+    check_honest(model, loss_fn, estimate(model, loss_fn, eps), eps)
+
+
+def test_random_transformer_is_honest():
+    model, data = tiny_transformer(3), task_data()
+    loss_fn = ce_closure(data.x_train, data.y_train)
+    eps = [2.0, 0.01, 0.5]
+    check_honest(model, loss_fn, estimate(model, loss_fn, eps), eps)
+
+
+def test_quantization_alone_baseline_never_uses_low_rank(trained):
+    model, _, loss_fn, _, _ = trained
+    eps = [0.25, 1.0]
+    results = estimate(model, loss_fn, eps, lowrank=False)
+    check_honest(model, loss_fn, results, eps)
+    assert all(c["kind"] != "lowrank" for r in results for c in r.choices)
+
+
+def test_naive_bits_is_bzip2_of_float32_bytes_per_parameter():
+    model = tiny_transformer(0)
+    expected = 8 * sum(len(bz2.compress(p.detach().float().numpy().tobytes())) for p in model.parameters())
+    assert naive_bits(model) == expected
+    assert expected > 8 * 4 * sum(p.numel() for p in model.parameters()) * 0.8  # random floats barely compress
+
+
+# ---------------------------------------------------------------- generic modules
+def test_generic_module_with_batchnorm_buffers():
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    train_generic(model, x, y)
+    model.eval()
+    loss_fn = ce_closure(x, y)
+    eps = [0.5, 0.1]
+    results = estimate(model, loss_fn, eps)
+    check_honest(model, loss_fn, results, eps)
+    state = decode(results[0].payload)
+    assert state["1.num_batches_tracked"].dtype == torch.int64
+    assert torch.equal(state["1.num_batches_tracked"], model.state_dict()["1.num_batches_tracked"])  # raw, exact
+
+
+def test_module_with_tied_weights_keeps_them_tied():
+    torch.manual_seed(0)
+    model = TiedLM()
+    x = torch.randint(0, 6, (30,))
+    y = (x + 1) % 6
+    train_generic(model, x, y, steps=200, lr=5e-2)
+    loss_fn = ce_closure(x, y)
+    eps = [0.5, 0.05]
+    results = estimate(model, loss_fn, eps)
+    check_honest(model, loss_fn, results, eps)
+    for r in results:
+        kinds = {c["name"]: c["kind"] for c in r.choices}
+        assert kinds["out.weight"] == "alias"  # stored once
+        state = decode(r.payload)
+        assert torch.equal(state["emb.weight"], state["out.weight"])
+
+
+def test_float64_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
+    loss_fn = ce_closure(x, y)
+    before = copy.deepcopy(model.state_dict())
+    results = estimate(model, loss_fn, [0.3])
+    check_honest(model, loss_fn, results, [0.3])
+    assert decode(results[0].payload)["0.weight"].dtype == torch.float64
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_closure_failing_on_every_coarse_model_falls_back_to_lossless():
+    """A loss that is NaN unless the weights are exactly the original: no coarse model is
+    feasible, so the description is the lossless one, never an unverified number."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    reference = copy.deepcopy(model.state_dict())
+
+    def loss_fn(m):
+        same = all(torch.equal(v, reference[k]) for k, v in m.state_dict().items())
+        return 0.7 if same else math.nan
+
+    (r,) = estimate(model, loss_fn, [1.0])
+    assert r.coarse_loss == 0.7
+    assert all(c["kind"] == "raw" for c in r.choices)
+    state = decode(r.payload)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("eps", [0, -1.0, [1.0, 0.0], [0.5, -0.1], math.nan, [math.nan], math.inf, []])
+def test_bad_eps_is_a_value_error_before_any_loss_call(eps):
+    calls = []
+    with pytest.raises(ValueError, match="eps"):
+        estimate(tiny_transformer(), lambda m: calls.append(1) or 1.0, eps)
+    assert calls == []
+
+
+def test_unknown_mode_is_a_value_error():
+    with pytest.raises(ValueError, match="mode"):
+        estimate(tiny_transformer(), lambda m: 1.0, [1.0], mode="magic")
+
+
+def test_loss_closure_that_raises_is_a_loss_error():
+    def loss_fn(m):
+        raise RuntimeError("shape mismatch in my data loader")
+
+    with pytest.raises(LossError, match="RuntimeError: shape mismatch in my data loader") as info:
+        estimate(tiny_transformer(), loss_fn, [1.0])
+    assert isinstance(info.value, ValueError)
+
+
+def test_loss_closure_that_raises_later_is_a_loss_error():
+    calls = []
+
+    def loss_fn(m):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyError("batch")
+        return 1.0
+
+    with pytest.raises(LossError, match="KeyError"):
+        estimate(tiny_transformer(), loss_fn, [1.0])
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_loss_of_the_original_is_a_loss_error(value):
+    with pytest.raises(LossError, match="non-finite"):
+        estimate(tiny_transformer(), lambda m: value, [1.0])
+
+
+def test_loss_error_is_exported_and_a_value_error():
+    assert issubclass(LossError, ValueError)
+    assert np.isfinite(estimate(tiny_transformer(), lambda m: 1.0, [1.0])[0].coarse_loss)
+
+
+@pytest.mark.slow
+def test_full_size_transformer_is_honest_at_the_papers_eps():
+    """The paper's one-block model (p = 113, about 242k parameters), all seven eps."""
+    from mdlgrok.complexity import PAPER_EPS
+
+    data = make_dataset(TaskConfig("add", 113, 0.2, 0))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0)
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(data.x_train), data.y_train).backward()
+        opt.step()
+    loss_fn = lambda m: evaluate(m, data.x_train, data.y_train)[0]  # noqa: E731
+    results = estimate(model, loss_fn, list(PAPER_EPS))
+    check_honest(model, loss_fn, results, PAPER_EPS)
+    assert all(r.bits < r.naive_bits for r in results)

@@ -1,0 +1,236 @@
+"""The payload: every entry kind under every codec decodes to exactly the coarse-grained state
+dict, and anything malformed is a ValueError with a clear message, never a wrong number."""
+
+import os
+import zlib
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mdlgrok.complexity import decode
+from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, raw_entry, targets_of, zero_entry
+from mdlgrok.complexity.payload import (CODEC_IDS, MAGIC, bin_width, decode_entries, encode, encode_all,
+                                        state_dict_of)
+
+CODECS = sorted(CODEC_IDS)
+
+
+def sample_state() -> "OrderedDict[str, torch.Tensor]":
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(12, 10, generator=g)
+    return OrderedDict([
+        ("dense32", torch.randn(5, 3, generator=g)),
+        ("dense16", torch.randn(7, generator=g).half()),
+        ("dense_bf16", torch.randn(4, 4, generator=g).bfloat16()),
+        ("dense64", torch.randn(3, 2, generator=g).double()),
+        ("scalar", torch.tensor(0.7)),
+        ("lowrank", shared),
+        ("conv", torch.randn(4, 2, 3, 3, generator=g)),  # lowrank on its 4 x 18 view
+        ("zeros", torch.randn(6, generator=g)),
+        ("int64", torch.arange(-5, 5)),
+        ("int32", torch.tensor([2**31 - 1, -2**31], dtype=torch.int32)),
+        ("int16", torch.tensor([-300, 7], dtype=torch.int16)),
+        ("int8", torch.tensor([-128, 127], dtype=torch.int8)),
+        ("uint8", torch.tensor([0, 255, 3], dtype=torch.uint8)),
+        ("flags", torch.tensor([True, False, True])),
+        ("raw_bf16", torch.randn(3, generator=g).bfloat16()),
+        ("raw_f32", torch.randn(2, 2, generator=g)),
+        ("empty", torch.zeros(0, 3)),
+        ("tied", shared),  # the same tensor as "lowrank": an alias
+    ])
+
+
+def sample_entries():
+    targets = targets_of(sample_state())
+    by = {t.name: t for t in targets}
+    entries = []
+    for t in targets:
+        if t.name.startswith("dense") or t.name == "scalar":
+            entries.append(dense_entry(t, -40))
+        elif t.name == "lowrank":
+            entries.append(lowrank_entry(t, 3, -40, -48))
+        elif t.name == "conv":
+            entries.append(lowrank_entry(t, 2, -32))
+        elif t.name == "zeros":
+            entries.append(zero_entry(t))
+        else:
+            entries.append(raw_entry(t))  # non-float, raw floats, the empty tensor, and the alias
+    assert by["tied"].alias == list(by).index("lowrank")
+    return entries
+
+
+ENTRIES = sample_entries()
+PAYLOADS = {codec: encode(ENTRIES, codec) for codec in CODECS}
+
+
+def assert_same_state(a, b):
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_sample_covers_every_kind():
+    assert {e.kind for e in ENTRIES} == {"zero", "dense", "lowrank", "raw", "alias"}
+    assert {e.dtype for e in ENTRIES if e.kind == "raw"} >= {torch.int64, torch.bool, torch.bfloat16}
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_round_trip_every_kind(codec):
+    payload = PAYLOADS[codec]
+    assert payload[0] == MAGIC and payload[1] == CODEC_IDS[codec]
+    entries, name = decode_entries(payload)
+    assert name == codec
+    assert [(e.name, e.kind, e.shape, e.dtype, e.rank, e.bins, e.alias) for e in entries] == \
+        [(e.name, e.kind, e.shape, e.dtype, e.rank, e.bins, e.alias) for e in ENTRIES]
+    assert_same_state(decode(payload), state_dict_of(ENTRIES))
+
+
+def test_decoded_values_are_the_coarse_grained_originals():
+    state, dec = sample_state(), decode(PAYLOADS["zstd"])
+    for name in ("int64", "int32", "int16", "int8", "uint8", "flags", "raw_bf16", "raw_f32", "empty"):
+        assert torch.equal(dec[name], state[name]), name  # raw entries are lossless
+    assert dec["tied"] is dec["lowrank"]  # an alias decodes to the very tensor of its target
+    assert torch.equal(dec["zeros"], torch.zeros(6))
+    err = (dec["dense32"] - state["dense32"]).abs().max()
+    assert err <= bin_width(-40) / 2 + 1e-7  # rounding to the nearest grid point
+    for name in ("dense32", "dense16", "dense_bf16", "dense64", "scalar"):
+        codes = dec[name].double() / bin_width(-40)
+        assert torch.allclose(codes, codes.round(), atol=1e-2), name  # values on the grid (up to the dtype's precision)
+    u, s, vh = torch.linalg.svd(state["lowrank"].double())
+    best3 = (u[:, :3] * s[:3]) @ vh[:3]
+    assert (dec["lowrank"].double() - best3).norm() < 0.02 * best3.norm()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_empty_state_dict_round_trips(codec):
+    assert decode(encode([], codec)) == OrderedDict()
+
+
+@st.composite
+def random_entries(draw):
+    """A random state dict, coarse-grained with random kinds, ranks and bins."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    state = OrderedDict()
+    for i in range(draw(st.integers(1, 5))):
+        shape = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=3)))
+        dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64, torch.bool]))
+        values = torch.from_numpy(rng.normal(0, 10 ** draw(st.integers(-3, 2)), size=shape))
+        state[f"t{i}"] = values.to(dtype) if dtype.is_floating_point else (values * 10).to(dtype)
+    if draw(st.booleans()):
+        state["tied"] = state["t0"]
+    entries = []
+    for t in targets_of(state):
+        kind = draw(st.sampled_from(["dense", "lowrank", "zero", "raw"]))
+        j = draw(st.integers(-60, 10))
+        if not t.quantizable or kind == "raw":
+            entries.append(raw_entry(t))
+        elif kind == "lowrank" and t.is_matrix and t.max_lowrank() >= 1:
+            entries.append(lowrank_entry(t, draw(st.integers(1, t.max_lowrank())), j, draw(st.integers(-60, 10))))
+        elif kind == "zero":
+            entries.append(zero_entry(t))
+        else:
+            entries.append(dense_entry(t, j))
+    return entries
+
+
+@settings(max_examples=40, deadline=None)
+@given(random_entries(), st.sampled_from(CODECS))
+def test_decode_encode_is_state_dict_of(entries, codec):
+    assert_same_state(decode(encode(entries, codec)), state_dict_of(entries))
+
+
+def test_encode_all_gives_every_codec_and_they_agree():
+    payloads = encode_all(ENTRIES)
+    assert set(payloads) == set(CODECS)
+    ref = state_dict_of(ENTRIES)
+    for payload in payloads.values():
+        assert_same_state(decode(payload), ref)
+
+
+def test_encode_all_skips_the_entropy_coder_when_codes_are_too_wide_for_it():
+    t = targets_of({"w": torch.tensor([-1.0, 1.0, 0.0])})[0]
+    wide = dense_entry(t, -8 * 30)  # bin 2^-30: codes +-2^30, beyond 24-bit probabilities
+    payloads = encode_all([wide])
+    assert set(payloads) == set(CODECS) - {"ans"}
+    for payload in payloads.values():
+        assert_same_state(decode(payload), state_dict_of([wide]))
+    with pytest.raises(ValueError, match="too wide"):
+        encode([wide], "ans")
+
+
+# ---------------------------------------------------------------- corruption
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(CODECS), st.data())
+def test_any_single_bit_flip_is_an_error(codec, data):
+    payload = PAYLOADS[codec]
+    bit = data.draw(st.integers(0, 8 * len(payload) - 1))
+    corrupt = bytearray(payload)
+    corrupt[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(ValueError, match="payload"):
+        decode(bytes(corrupt))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_truncation_is_an_error(codec):
+    payload = PAYLOADS[codec]
+    for cut in range(len(payload)):
+        with pytest.raises(ValueError, match="payload"):
+            decode(payload[:cut])
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_truncated_body_with_a_recomputed_checksum_is_still_an_error(codec):
+    # the structure checks, not only the CRC, reject a cut stream
+    body = PAYLOADS[codec][:-4]
+    for cut in range(2, len(body)):
+        forged = body[:cut] + zlib.crc32(body[:cut]).to_bytes(4, "little")
+        with pytest.raises(ValueError, match="payload"):
+            decode(forged)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_appended_bytes_are_an_error(codec):
+    with pytest.raises(ValueError, match="payload"):
+        decode(PAYLOADS[codec] + b"\x00")
+
+
+@pytest.mark.parametrize("bad", [b"", b"\xd1", b"\xd1\x00\x00\x00\x00", "a string", None, 12345])
+def test_empty_short_or_wrong_type_is_an_error(bad):
+    with pytest.raises(ValueError, match="empty or too short"):
+        decode(bad)
+
+
+def test_wrong_magic_or_codec_byte_is_an_error():
+    payload = PAYLOADS["bz2"]
+    for head in (b"\x00" + payload[1:2], payload[:1] + b"\x7f"):
+        forged = head + payload[2:-4]
+        forged += zlib.crc32(forged).to_bytes(4, "little")
+        with pytest.raises(ValueError, match="not an mdlgrok description"):
+            decode(forged)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=0, max_size=400))
+def test_random_bytes_are_an_error(data):
+    with pytest.raises(ValueError, match="payload"):
+        decode(data)
+
+
+def test_random_bytes_with_valid_magic_are_an_error():
+    rng = np.random.default_rng(0)
+    for codec in CODECS:
+        for _ in range(20):
+            data = bytes([MAGIC, CODEC_IDS[codec]]) + rng.bytes(int(rng.integers(4, 300)))
+            with pytest.raises(ValueError, match="payload"):
+                decode(data)
+
+
+def test_os_random_payload_is_an_error():
+    with pytest.raises(ValueError, match="payload"):
+        decode(os.urandom(1000))
