@@ -4,6 +4,7 @@
     mdlgrok measure runs/add --jobs 2
     mdlgrok complexity runs/add/checkpoints/epoch_000417.pt --eps 1 0.5
     mdlgrok summary runs/add --plot runs/add/rise_and_fall.png
+    mdlgrok sweep experiments/rise_and_fall.toml --jobs 2 [--length cpu|paper] [--dry-run]
 
 Bad input prints one line on stderr and exits with status 2; a failed run exits with 1.
 """
@@ -64,11 +65,22 @@ def _measure_args(sub) -> None:
     s.add_argument("--plot", help="draw complexity and accuracy to this file (png or pdf)")
 
 
+def _sweep_args(sub) -> None:
+    w = sub.add_parser("sweep", help="run an experiment's grid (experiments/*.toml), skipping complete runs")
+    w.add_argument("experiment", help="experiment file (TOML)")
+    w.add_argument("--jobs", type=int, default=1, help="parallel processes (threads per process: cores // jobs)")
+    w.add_argument("--length", help="a length of the experiment's [lengths] table, e.g. cpu or paper (default cpu)")
+    w.add_argument("--root", default="runs", help="runs go to ROOT/<experiment name>/<key>/")
+    w.add_argument("--dry-run", action="store_true", help="list the runs, their keys and states; train nothing")
+    w.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
 def parser() -> Parser:
     ap = Parser(prog="mdlgrok", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
     _train_args(sub)
     _measure_args(sub)
+    _sweep_args(sub)
     return ap
 
 
@@ -113,7 +125,14 @@ def cmd_summary(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "measure": cmd_measure, "complexity": cmd_complexity, "summary": cmd_summary}
+def cmd_sweep(a) -> int:
+    from mdlgrok.sweep import command
+
+    return command(a)
+
+
+COMMANDS = {"train": cmd_train, "measure": cmd_measure, "complexity": cmd_complexity, "summary": cmd_summary,
+            "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,288 @@
+"""Sweeps: experiment files expand into validated, stably keyed runs; a sweep skips complete
+runs, resumes interrupted ones, gives the same table in one process or two, and gathers
+every run with its config columns; the `mdlgrok sweep` command in-process."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import mdlgrok.train as train_mod
+from mdlgrok import sweep
+from mdlgrok.cli import main
+from mdlgrok.results import RunDir
+from mdlgrok.sweep import CONFIG_COLUMNS, expand, gather, load_experiment, run_key, run_sweep
+from mdlgrok.train import PAPER_EPS, TrainConfig
+
+from conftest import snapshot
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def tiny(name="tiny", grid=None, epochs=3, **base):
+    """add mod 7 with a 4-row positional table: each run trains in a fraction of a second."""
+    return {"name": name, "base": {"task": "add", "p": 7, "pos_rows": 4, **base},
+            "grid": grid if grid is not None else {"seed": [0, 1], "preset": ["ours", "none"]},
+            "lengths": {"cpu": epochs, "paper": epochs + 1}}
+
+
+def sorted_table(df):
+    return df.sort_values(["run_id", "epoch", "metric", "eps", "codec", "estimator"]).reset_index(drop=True)
+
+
+def outcome_states(table):
+    return sorted(o["state"] for o in table.attrs["outcomes"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The 4-run tiny grid, uninterrupted, in one process."""
+    root = tmp_path_factory.mktemp("reference")
+    table = run_sweep(tiny(epochs=4), root, jobs=1, progress=False)
+    assert outcome_states(table) == ["complete"] * 4
+    return root, table
+
+
+# ---------------------------------------------------------------- expansion
+def test_expand_counts_lengths_and_dedup():
+    exp = {"name": "g", "base": {"p": 7}, "grid": {"seed": [0, 1, 2], "preset": ["ours", "none"],
+                                                   "task": ["add", "mul"]}, "lengths": {"cpu": 5, "paper": 9}}
+    cfgs = expand(exp)
+    assert len(cfgs) == 12 and all(isinstance(c, TrainConfig) for c in cfgs)
+    assert {c.epochs for c in cfgs} == {5} and {c.epochs for c in expand(exp, "paper")} == {9}
+    assert {(c.task, c.preset, c.seed) for c in cfgs} == {(t, pr, s) for t in ("add", "mul")
+                                                          for pr in ("ours", "none") for s in (0, 1, 2)}
+    # [[grid]] is a union; gamma 0.1 at wd 1, sigma 1e-2 *is* "ours" for add, so it runs once
+    union = {"name": "u", "base": {"p": 7, "task": "add", "epochs": 2},
+             "grid": [{"preset": ["none", "wd", "ours"]},
+                      {"preset": ["ours"], "wd": [1], "sigma": [1e-2], "gamma": [0, 0.1, 0.3]}]}
+    cfgs = expand(union)
+    assert len(cfgs) == 5
+    assert sorted((c.wd, c.gamma, c.sigma) for c in cfgs) == [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.0, 0.01),
+                                                              (1.0, 0.1, 0.01), (1.0, 0.3, 0.01)]
+    assert len(expand({"name": "one", "base": {"p": 7, "epochs": 2}})) == 1  # no grid: the base run
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"grid": {"seeds": [0]}}, "unknown TrainConfig field 'seeds'"),
+    ({"base": {"p": 7, "colour": "red"}}, "unknown TrainConfig field 'colour'"),
+    ({"base": {"p": 2}}, "at least 3"),
+    ({"grid": {"preset": ["ours", "best"]}}, "unknown preset"),
+    ({"grid": {"seed": ["0"]}}, "seed must be an integer"),
+    ({"grid": {"seed": 0}}, "non-empty list"),
+    ({"grid": {"seed": []}}, "non-empty list"),
+    ({"base": {"p": 7, "eps": [1, -1]}}, "eps"),
+    ({"base": {"p": 7, "epochs": 3}}, "either in [lengths]"),
+    ({"lengths": {"cpu": 0}}, "positive number of epochs"),
+    ({"name": "../up"}, "folder name"),
+    ({"seeds": [1]}, "unknown top-level key"),
+])
+def test_expand_rejects_bad_experiments(change, fragment):
+    with pytest.raises(ValueError) as err:
+        expand({**tiny(), **change})
+    assert fragment in str(err.value)
+
+
+def test_unknown_length_is_rejected():
+    with pytest.raises(ValueError, match="unknown length 'huge'"):
+        expand(tiny(), "huge")
+    with pytest.raises(ValueError, match="no \\[lengths\\]"):
+        expand({"name": "x", "base": {"p": 7}}, "cpu")
+
+
+def test_experiment_files_expand():
+    counts = {"rise_and_fall": 12, "four_tasks": 12, "regularizers": 21, "attention": 24}
+    files = sorted(EXPERIMENTS.glob("*.toml"))
+    assert {f.stem for f in files} >= set(counts)
+    for f in files:
+        exp = load_experiment(f)
+        assert exp.name == f.stem
+        cpu, paper = expand(f), expand(f, "paper")
+        if f.stem in counts:
+            assert len(cpu) == counts[f.stem], f
+        assert {c.epochs for c in cpu} == {600} and {c.epochs for c in paper} == {10_000}
+        assert all(c.measure and c.p == 113 and c.eps == PAPER_EPS for c in cpu), f
+    four = expand(EXPERIMENTS / "four_tasks.toml")
+    assert {(c.task, c.layers, c.frac, c.sigma) for c in four} == {
+        ("add", 1, 0.2, 1e-2), ("sub", 2, 0.3, 1e-3), ("mul", 1, 0.2, 1e-2), ("div", 2, 0.3, 1e-3)}
+
+
+# ---------------------------------------------------------------- keys
+def test_keys_are_stable_readable_and_distinct():
+    cfg = TrainConfig(task="add", p=7, preset="ours", seed=0, epochs=3)
+    key = run_key(cfg)
+    assert key.startswith("add-ours-s0-") and len(key.rsplit("-", 1)[1]) == 12
+    # the same resolved config however it was written: ints for floats, lists for tuples, a round trip
+    assert run_key(TrainConfig(task="add", p=7, preset="ours", seed=0, epochs=3, wd=1, gamma=0.1,
+                               eps=list(PAPER_EPS))) == key
+    assert run_key(TrainConfig.from_dict(cfg.to_dict())) == key
+    assert run_key(TrainConfig(task="add", p=7, preset="ours", seed=0, epochs=4)) != key
+    assert run_key(TrainConfig(task="add", p=7, preset="ours", gamma=0.0, epochs=3)).startswith("add-ours-g0-s0-")
+    assert run_key(TrainConfig(task="add", p=7, attention="softmax", epochs=3)).startswith("add-ours-softmax-s0-")
+    for f in EXPERIMENTS.glob("*.toml"):
+        keys = [run_key(c) for c in expand(f)]
+        assert len(set(keys)) == len(keys)
+        assert keys == [run_key(c) for c in expand(f)]
+
+
+# ---------------------------------------------------------------- running
+def test_sweep_runs_everything_and_gathers_config_columns(reference):
+    root, table = reference
+    folder = root / "tiny"
+    assert list(table.columns[:1 + len(CONFIG_COLUMNS)]) == ["run_id", *CONFIG_COLUMNS]
+    assert {"epoch", "step", "metric", "value", "eps", "codec"} <= set(table.columns)
+    assert table.run_id.nunique() == 4 and set(table.epoch) == {1, 2, 3, 4}
+    for run_id, rows in table.groupby("run_id"):
+        cfg = TrainConfig.from_dict(json.loads((folder / run_id / "config.json").read_text()))
+        assert run_id == run_key(cfg)
+        for col in CONFIG_COLUMNS:
+            assert rows[col].nunique() == 1 and rows[col].iloc[0] == getattr(cfg, col), (run_id, col)
+    assert set(table.preset) == {"ours", "none"} and set(table.seed) == {0, 1}
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "table.parquet"), table)
+    pd.testing.assert_frame_equal(gather(folder), table)  # the same, read from the folder alone
+
+
+def test_a_second_sweep_does_no_work(reference, tmp_path):
+    root, _ = reference
+    folder = root / "tiny"
+    before = {k: v for k, v in snapshot(folder).items() if k != "table.parquet"}
+    mtimes = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != "table.parquet"}
+    table = run_sweep(tiny(epochs=4), root, jobs=2, progress=False)
+    assert outcome_states(table) == ["skipped"] * 4
+    assert {k: v for k, v in snapshot(folder).items() if k != "table.parquet"} == before
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_interrupted_sweep_finishes_only_missing_runs_and_equals_uninterrupted(reference, tmp_path, monkeypatch):
+    _, expected = reference
+    # 1. a sub-grid first: seed 0 only (2 of the 4 runs)
+    sub = tiny(epochs=4, grid={"seed": [0], "preset": ["ours", "none"]})
+    assert outcome_states(run_sweep(sub, tmp_path, progress=False)) == ["complete"] * 2
+    # 2. the full grid, killed while writing the 3rd checkpoint of its first new run
+    real, saves = train_mod.save_checkpoint, []
+
+    def dying_save(path, obj):
+        saves.append(path)
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(tiny(epochs=4), tmp_path, progress=False)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real)
+    states = sorted(r.state for r in sweep.plan(tiny(epochs=4), tmp_path))
+    assert states == ["complete", "complete", "new", "partial"]
+    # 3. started again: only the missing runs run, the partial one from its checkpoint at epoch 2
+    table = run_sweep(tiny(epochs=4), tmp_path, progress=False)
+    outcomes = table.attrs["outcomes"]
+    assert sorted(o["state"] for o in outcomes) == ["complete", "complete", "skipped", "skipped"]
+    assert sorted(o.get("resumed_from", 0) for o in outcomes if o["state"] == "complete") == [0, 2]
+    pd.testing.assert_frame_equal(sorted_table(table), sorted_table(expected), check_exact=True)
+
+
+def test_two_processes_equal_one_and_a_failed_run_does_not_stop_the_others(reference, tmp_path, capsys):
+    _, expected = reference
+    exp = tiny(epochs=4)
+    exp["grid"] = [exp["grid"], {"lr": [1e30], "seed": [0]}]  # plus a run that diverges at epoch 1
+    table = run_sweep(exp, tmp_path, jobs=2, threads=1)  # one thread each, as this process (conftest)
+    outcomes = table.attrs["outcomes"]
+    assert outcome_states(table) == ["complete"] * 4 + ["failed"]
+    assert {o["threads"] for o in outcomes} == {1}
+    failed = [o for o in outcomes if o["state"] == "failed"][0]
+    assert "loss became nan" in failed["reason"]
+    assert RunDir(failed["path"]).read_status()["state"] == "failed"
+    err = capsys.readouterr().err
+    assert err.count("complete at epoch 4") == 4 and err.count("FAILED") == 1
+    pd.testing.assert_frame_equal(sorted_table(table), sorted_table(expected), check_exact=True)
+    # started again, the failed run is not retried (its divergence is deterministic)
+    again = run_sweep(exp, tmp_path, jobs=2, progress=False)
+    assert outcome_states(again) == ["skipped"] * 5
+
+
+def test_threads_per_worker_fill_the_cores_once(monkeypatch):
+    monkeypatch.setattr(sweep, "available_cores", lambda: 16)
+    assert [sweep.threads_per_worker(j) for j in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+
+
+def test_gather_adds_the_fields_that_vary(tmp_path):
+    table = run_sweep(tiny(epochs=2, grid={"lr": [1e-3, 2e-3]}), tmp_path, progress=False)
+    assert "lr" in table.columns and set(table.lr) == {1e-3, 2e-3}
+    assert table.groupby("run_id").lr.nunique().eq(1).all()
+    assert "noise" not in table.columns  # the same for every run
+
+
+def test_measured_sweep_gathers_complexity_rows(tmp_path):
+    exp = tiny(epochs=1, grid={"seed": [0]}, measure=True, eps=[1])
+    table = run_sweep(exp, tmp_path, progress=False)
+    bits = table[table.metric == "complexity_bits"]
+    assert len(bits) == 1 and set(bits.eps) == {1.0} and (bits.value > 0).all()
+    assert set(bits.estimator) == {"mdlgrok"} and (bits.codec != "").all()
+    assert (tmp_path / "tiny" / table.run_id.iloc[0] / "payloads").is_dir()
+
+
+# ---------------------------------------------------------------- the command
+def write_experiment(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+TINY_TOML = """
+name = "cli"
+[base]
+task = "add"
+p = 7
+pos_rows = 4
+[grid]
+seed = [0, 1]
+[lengths]
+cpu = 2
+paper = 3
+"""
+
+
+def test_cli_sweep_and_dry_run(tmp_path, capsys):
+    f = write_experiment(tmp_path / "cli.toml", TINY_TOML)
+    root = tmp_path / "runs"
+    assert main(["sweep", str(f), "--root", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and all(" new " in line and "epochs=2" in line for line in out[:2])
+    assert out[-1].endswith("0 complete, 0 partial, 2 new, 0 failed")
+    assert not root.exists()  # a dry run writes nothing
+    assert main(["sweep", str(f), "--root", str(root), "--quiet"]) == 0
+    assert "2 runs" in capsys.readouterr().out
+    assert (root / "cli" / "table.parquet").is_file()
+    assert main(["sweep", str(f), "--root", str(root), "--dry-run", "--length", "paper"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("2 new, 0 failed")  # another length, other keys
+    assert main(["sweep", str(f), "--root", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert all(" complete " in line for line in out[:2]) and "2 complete" in out[-1]
+
+
+def test_cli_sweep_failed_run_exits_1(tmp_path, capsys):
+    f = write_experiment(tmp_path / "bad_lr.toml", TINY_TOML.replace("seed = [0, 1]", "lr = [1e30]"))
+    assert main(["sweep", str(f), "--root", str(tmp_path / "runs")]) == 1
+    assert "FAILED" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,args,fragment", [
+    (None, [], "does not exist"),
+    ("name = 'x'\n[base\np = 7", [], "not valid TOML"),
+    (TINY_TOML.replace("pos_rows = 4", "pos_row = 4"), [], "unknown TrainConfig field 'pos_row'"),
+    (TINY_TOML.replace("p = 7", "p = 2"), [], "at least 3"),
+    (TINY_TOML.replace("seed = [0, 1]", "seed = 0"), [], "non-empty list"),
+    (TINY_TOML, ["--length", "huge"], "unknown length"),
+    (TINY_TOML, ["--jobs", "0"], "--jobs"),
+])
+def test_cli_sweep_bad_input_is_one_line_status_2(tmp_path, capsys, text, args, fragment):
+    f = tmp_path / "exp.toml"
+    if text is not None:
+        write_experiment(f, text)
+    root = tmp_path / "runs"
+    assert main(["sweep", str(f), "--root", str(root), *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mdlgrok: error: ") and fragment in lines[0], captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert not root.exists()
