@@ -4,12 +4,20 @@ PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 DEMO    := runs/demo
 
-.PHONY: help install test test-slow demo bench bench-train bench-estimator clean
+EXPERIMENTS := rise_and_fall four_tasks regularizers attention
+# LENGTH: cpu (600 epochs) or paper (10,000 epochs); JOBS: parallel runs
+LENGTH      ?= cpu
+JOBS        ?= 2
+
+.PHONY: help install test test-slow demo bench bench-train bench-estimator figures reproduce clean
 
 help:
 	@echo "make demo            train add/p=113/ours for 600 epochs on CPU and measure complexity"
 	@echo "make test            fast test suite (make test-slow for the long tests)"
 	@echo "make bench           training and estimator benchmarks"
+	@echo "make results/<experiment>/table.parquet   run the missing runs of experiments/<experiment>.toml"
+	@echo "make figures         redraw every figure from the tables in results/ (no training)"
+	@echo "make reproduce       every experiment, then the figures"
 
 # torch is installed first and by exact version: 2.13.0 has a CPU build on this machine's
 # wheel path, while a range would let pip choose a newer multi-GB CUDA build.
@@ -40,6 +48,23 @@ bench-train: $(VENV_OK)
 
 bench-estimator: $(VENV_OK)
 	$(PY) benchmarks/bench_estimator.py
+
+# One experiment: its missing runs (complete runs are skipped), then its tidy table in results/.
+results/%/table.parquet: experiments/%.toml | $(VENV_OK)
+	$(PY) -m mdlgrok sweep $< --jobs $(JOBS) --length $(LENGTH) --root runs/$(LENGTH)
+	mkdir -p $(@D)
+	cp runs/$(LENGTH)/$*/table.parquet $@
+
+# mdlgrok's search against the paper's on checkpoints of the demo run.
+results/estimator/bench_demo.parquet: | $(VENV_OK)
+	test -f runs/demo/status.json || $(MAKE) demo
+	$(PY) benchmarks/bench_estimator.py runs/demo --epochs 86 247 600 --out $@
+
+figures: $(VENV_OK)
+	$(PY) -m mdlgrok figures --results results
+
+reproduce: $(foreach e,$(EXPERIMENTS),results/$(e)/table.parquet) results/estimator/bench_demo.parquet
+	$(MAKE) figures
 
 clean:
 	rm -rf runs .pytest_cache

@@ -4,6 +4,7 @@
     mdlgrok measure runs/add --jobs 2
     mdlgrok complexity runs/add/checkpoints/epoch_000417.pt --eps 1 0.5
     mdlgrok summary runs/add --plot runs/add/rise_and_fall.png
+    mdlgrok figures --results results
     mdlgrok sweep experiments/rise_and_fall.toml --jobs 2 [--length cpu|paper] [--dry-run]
 
 Bad input prints one line on stderr and exits with status 2; a failed run exits with 1.
@@ -63,6 +64,9 @@ def _measure_args(sub) -> None:
     s = sub.add_parser("summary", help="summarize a run: grokking epochs, accuracies, complexity")
     s.add_argument("run", help="run folder")
     s.add_argument("--plot", help="draw complexity and accuracy to this file (png or pdf)")
+
+    f = sub.add_parser("figures", help="redraw every figure from the saved tables under results/")
+    f.add_argument("--results", default="results", help="folder of experiment tables")
 
 
 def _sweep_args(sub) -> None:
@@ -131,8 +135,16 @@ def cmd_sweep(a) -> int:
     return command(a)
 
 
+def cmd_figures(a) -> int:
+    from mdlgrok.figures import draw_all
+
+    files = draw_all(a.results)
+    print(f"drew {len(files)} files under {a.results}/")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "measure": cmd_measure, "complexity": cmd_complexity, "summary": cmd_summary,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep, "figures": cmd_figures}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,26 @@ def complexity_by_eps(table: pd.DataFrame, path: str | Path, title: str = "") ->
     sns.lineplot(comp, x="epoch", y="kB", hue="eps", palette="viridis", errorbar=("pi", 100), ax=ax)
     ax.set(xscale="log", ylabel="complexity (kB)", title=title)
     return save(fig, path)
+
+
+def final_by_eps(final: pd.DataFrame, path: str | Path, hue: str | None = None) -> list[Path]:
+    """At the last epoch: complexity (kB) and compression ratio against eps, log-log."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, (ax_c, ax_r) = plt.subplots(1, 2, figsize=(9, 3.5))
+    mine = final[final.estimator == "mdlgrok"]
+    comp = mine[mine.metric == "complexity_bits"].assign(kB=lambda d: d.value / 8e3)
+    sns.lineplot(comp, x="eps", y="kB", hue=hue, style="task", marker="o", errorbar=("pi", 100), ax=ax_c)
+    ax_c.set(xscale="log", yscale="log", xlabel="eps (nats)", ylabel="complexity (kB)")
+    ratio = mine[mine.metric == "compression_ratio"]
+    sns.lineplot(ratio, x="eps", y="value", hue=hue, style="task", marker="o", errorbar=("pi", 100), ax=ax_r)
+    ax_r.set(xscale="log", xlabel="eps (nats)", ylabel="naive / complexity")
+    return save(fig, path)
+
+
+def estimator_comparison(bench: pd.DataFrame, path: str | Path) -> list[Path]:
+    """Bytes of mdlgrok's search and the paper's on the same checkpoints, per eps."""
+    sns.set_theme(style="whitegrid", context="paper")
+    grid = sns.catplot(bench, x="eps", y="bytes", hue="mode", col="epoch", kind="bar", height=3, aspect=1.1,
+                       order=sorted(bench.eps.unique(), reverse=True))
+    grid.set(yscale="log")
+    return save(grid.figure, path)

@@ -1,0 +1,52 @@
+"""Figures and description-length tables are drawn from saved tables only."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from mdlgrok import mdl
+from mdlgrok.cli import main
+from mdlgrok.figures import description_table, draw_all, n_train
+from mdlgrok.sweep import run_sweep
+
+TINY = {"name": "tiny", "measure": True,
+        "base": {"p": 7, "epochs": 3, "eps": [1.0, 0.5]},
+        "grid": {"task": ["add"], "preset": ["ours", "none"], "seed": [0]}}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    table = run_sweep(TINY, root=root, jobs=1, progress=False)
+    folder = tmp_path_factory.mktemp("results") / "tiny"
+    folder.mkdir()
+    table.to_parquet(folder / "table.parquet", index=False)
+    return folder
+
+
+def test_figures_drawn_from_table(results):
+    files = draw_all(results.parent)
+    names = {f.name for f in files}
+    assert {"rise_and_fall_add.png", "rise_and_fall_add.pdf", "final_complexity_vs_eps.png",
+            "description_lengths.csv"} <= names
+    assert all(f.stat().st_size > 0 for f in files)
+    assert (results / "figure_configs.json").exists()
+
+
+def test_description_table_matches_mdl(results):
+    table = pd.read_parquet(results / "table.parquet")
+    desc = description_table(table)
+    assert sorted(desc.preset) == ["none", "ours"]
+    for _, r in desc.iterrows():
+        n = n_train("add", 7, 0.2)
+        assert r.n_train == n == math.floor(0.2 * 49)
+        assert r.total_bits == pytest.approx(r.model_bits + r.data_bits)
+        assert r.occam == pytest.approx(mdl.occam_bound(r.coarse_train_err, r.model_bits, n))
+        assert r.truth_table_bits == pytest.approx(49 * math.log2(7))
+
+
+def test_figures_cli_without_tables_fails_cleanly(tmp_path, capsys):
+    assert main(["figures", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tables" in err[0]
