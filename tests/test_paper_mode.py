@@ -199,3 +199,12 @@ def test_decode_paper_refuses_anything_but_numpy_arrays(tmp_path, make):
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         decode_paper(payload, {"w": (2, 2)})
     assert not marker.exists()
+
+
+def test_constraint_fn_passes_through_estimate_only_in_paper_mode(short_search):
+    model, loss_fn, _ = tiny_problem()
+    seen = []
+    (r,) = estimate(model, loss_fn, [0.05], mode="paper", constraint_fn=lambda m: seen.append(1) or 0.0)
+    assert seen and r.coarse_loss <= r.base_loss + 0.05
+    with pytest.raises(ValueError, match="mode='paper'"):
+        estimate(model, loss_fn, [0.05], constraint_fn=lambda m: 0.0)
