@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from mdlgrok.train import TrainConfig
 
@@ -30,3 +32,11 @@ def snapshot(folder: Path) -> dict[str, str]:
         return {}
     return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
             for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_blas_thread():
+    """numpy's BLAS with one thread, like torch here: oversubscribed BLAS threads on a busy
+    2-core machine make the SVDs (and the paper mode's Gaussian process) several times slower."""
+    with threadpool_limits(1):
+        yield

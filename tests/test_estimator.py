@@ -18,21 +18,6 @@ from mdlgrok.models import ModelConfig, build_model
 from mdlgrok.tasks import TaskConfig, make_dataset
 from mdlgrok.train import evaluate
 
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """numpy's BLAS with one thread, like torch here: oversubscribed BLAS threads on a busy
-    2-core machine make the SVDs (and the paper mode's Gaussian process) several times slower."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is optional
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
 
 # ---------------------------------------------------------------- models and closures
 def ce_closure(x, y):

@@ -1,10 +1,8 @@
 """The complexity stage through the `mdlgrok` command, in-process: train --measure, measure
 (in one process and in two), complexity, summary --plot, and bad input (status 2, one line)."""
 
-import contextlib
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,20 +23,14 @@ COMPARED = ["complexity_bits", "naive_bits", "coarse_train_loss", "coarse_test_l
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """numpy's BLAS (the SVDs) with one thread, here and in `measure --jobs 2`'s workers: two
-    BLAS threads per process on a busy 2-core machine make the estimator several times slower."""
+def one_thread_workers():
+    """One BLAS/OpenMP thread in `measure --jobs 2`'s worker processes too (conftest limits this
+    process): two threads per process on a busy 2-core machine make the estimator several times slower."""
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             mp.setenv(var, "1")
-        try:
-            from threadpoolctl import threadpool_limits
-            limit = threadpool_limits(1)
-        except ImportError:  # pragma: no cover - threadpoolctl is optional
-            limit = contextlib.nullcontext()
-        with limit:
-            yield
+        yield
     torch.set_num_threads(threads)
 
 

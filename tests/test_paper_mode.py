@@ -21,21 +21,6 @@ from mdlgrok.complexity import paper
 from mdlgrok.complexity.coarse import targets_of
 from mdlgrok.complexity.paper import coarse_arrays, decode_paper, paper_estimate, size_bytes
 
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """numpy's BLAS with one thread, like torch here: oversubscribed BLAS threads on a busy
-    2-core machine make the SVDs (and the paper mode's Gaussian process) several times slower."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is optional
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
 
 def tiny_problem(dtype=torch.float32):
     torch.manual_seed(0)
