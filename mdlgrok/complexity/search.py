@@ -9,10 +9,12 @@
 3. Path. With predicted loss increase sum_t s_t err_t, the optimal allocation for a
    multiplier lambda picks on each hull the point minimizing bits + lambda s_t err_t
    (Shoham & Gersho 1988). Sweeping lambda is a greedy walk: always take the hull step
-   that saves the most bits per unit of predicted loss.
-4. Search. For each eps, a binary search along the path with the real loss on the full
-   training set (cached, shared by all eps), then a greedy pass that coarsens single
-   tensors further while the constraint holds.
+   that saves the most bits per unit of predicted loss. One path is walked for each
+   shrinkage of the sensitivities toward their geometric mean (`shrink`), since the
+   probe's spread between tensors is only roughly right where the constraint binds.
+4. Search. For each eps, a binary search along every path with the real loss on the full
+   training set (cached, shared by all eps and paths), the cheapest feasible point kept,
+   then a greedy pass that coarsens single tensors further while the constraint holds.
 """
 
 from __future__ import annotations
