@@ -195,6 +195,9 @@ class Trainer:
                 loss = loss + self.cfg.gamma * mean_spectral_entropy(self.model)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            for p in self.model.parameters():  # no gradient still means weight decay, as in optax
+                if p.grad is None:  # (the paper attention's query and key without the penalty)
+                    p.grad = torch.zeros_like(p)
             if self.noise:
                 self.noise.remove()  # the gradient was taken at the noisy point; update the clean one
             self.opt.step()

@@ -306,3 +306,12 @@ def test_sigkill_then_resume_matches_uninterrupted_fast(tmp_path):
 def test_sigkill_then_resume_matches_uninterrupted_paper_preset(tmp_path):
     kill_resume_and_compare(tmp_path, p=13, epochs=250, kill_after=66, resume_in_process=False,
                             extra=["--preset", "ours"])
+
+
+def test_parameters_without_gradient_still_decay(tmp_path):
+    """Paper attention, preset wd: query and key get no gradient and only decay, as in optax."""
+    trainer = train_mod.Trainer(tiny_config(preset="wd", epochs=2), RunDir(tmp_path / "run"))
+    q0 = trainer.model.blocks[0].attn.q.weight.detach().clone()
+    trainer.train_epoch()
+    factor = (1 - trainer.cfg.lr * trainer.cfg.wd) ** trainer.step
+    assert torch.allclose(trainer.model.blocks[0].attn.q.weight, q0 * factor, rtol=1e-6, atol=1e-9)
