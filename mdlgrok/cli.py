@@ -6,6 +6,8 @@
     mdlgrok summary runs/add --plot runs/add/rise_and_fall.png
     mdlgrok figures --results results
     mdlgrok sweep experiments/rise_and_fall.toml --jobs 2 [--length cpu|paper] [--dry-run]
+    mdlgrok sweep experiments/rise_and_fall.toml --executor slurm --slurm-partition cpu --slurm-time 240
+    mdlgrok sweep experiments/rise_and_fall.toml --measure-only [--remeasure] --jobs 2
 
 Bad input prints one line on stderr and exits with status 2; a failed run exits with 1.
 """
@@ -72,11 +74,23 @@ def _measure_args(sub) -> None:
 def _sweep_args(sub) -> None:
     w = sub.add_parser("sweep", help="run an experiment's grid (experiments/*.toml), skipping complete runs")
     w.add_argument("experiment", help="experiment file (TOML)")
-    w.add_argument("--jobs", type=int, default=1, help="parallel processes (threads per process: cores // jobs)")
+    w.add_argument("--jobs", type=int, help="parallel processes (default 1; threads per process: cores // jobs); "
+                   "with --executor slurm, the most array tasks at once (default: no limit)")
     w.add_argument("--length", help="a length of the experiment's [lengths] table, e.g. cpu or paper (default cpu)")
     w.add_argument("--root", default="runs", help="runs go to ROOT/<experiment name>/<key>/")
     w.add_argument("--dry-run", action="store_true", help="list the runs, their keys and states; train nothing")
     w.add_argument("--quiet", action="store_true", help="no progress lines")
+    w.add_argument("--executor", default="local", choices=["local", "slurm", "submitit-local"],
+                   help="local processes (default); a Slurm job array through submitit (pip install submitit); "
+                        "or submitit's local executor")
+    w.add_argument("--slurm-partition", help="Slurm partition (default: the cluster's)")
+    w.add_argument("--slurm-time", type=int, default=240,
+                   help="minutes per job (default 240); a job that reaches it is requeued and resumes")
+    w.add_argument("--slurm-cpus", type=int, default=4, help="cpus per job, also its torch threads (default 4)")
+    w.add_argument("--measure-only", action="store_true",
+                   help="train nothing: measure the complexity of the complete runs that lack it, then gather")
+    w.add_argument("--remeasure", action="store_true", help="with --measure-only: measure every complete run again")
+    w.add_argument("--mode", default="mdlgrok", help="with --measure-only: estimator, mdlgrok (default) or paper")
 
 
 def parser() -> Parser:

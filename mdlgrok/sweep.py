@@ -3,6 +3,8 @@ into one tidy table.
 
     mdlgrok sweep experiments/rise_and_fall.toml --jobs 2              # the cpu length
     mdlgrok sweep experiments/rise_and_fall.toml --length paper --dry-run
+    mdlgrok sweep experiments/rise_and_fall.toml --executor slurm --slurm-partition cpu   # pip install submitit
+    mdlgrok sweep experiments/rise_and_fall.toml --measure-only --jobs 2              # complexity as its own stage
 
 An experiment file (TOML):
 
@@ -22,6 +24,14 @@ An experiment file (TOML):
 configs run once. Each run folder is keyed by a hash of its resolved config
 (`run_key`), so a sweep started again skips complete runs (status.json, written
 atomically by train()), resumes partial ones from their last checkpoint and runs the rest.
+
+Executors: `local` (processes on this machine, threads per process = cores // jobs),
+`slurm` (a Slurm job array through submitit; each task resumes from its run's last
+checkpoint, so a job requeued after a timeout or preemption continues where it stopped) and
+`submitit-local` (submitit's LocalExecutor: the same code path as slurm, as subprocesses
+here, at most `jobs` at a time). `--measure-only` measures the checkpoints of every complete
+run whose metrics lack complexity rows (all of them with `--remeasure`) on the same
+executors, then gathers the table again.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -61,6 +72,8 @@ CONFIG_COLUMNS = ["task", "p", "frac", "model", "layers", "attention", "preset",
 EXTRA_COLUMNS = ["pos_rows", "noise", "lr", "batch", "adam_eps"]
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+EXECUTORS = ("local", "slurm", "submitit-local")
+SUBMITIT_FOLDER = ".submitit"  # <root>/<name>/.submitit: submitit's pickles and job logs
 
 
 # ---------------------------------------------------------------- experiment files
@@ -341,34 +354,119 @@ def run_one(cfg_dict: dict, path: str, threads: int | None = None) -> dict:
     return outcome
 
 
-def run_sweep(experiment, root: str | Path = "runs", jobs: int = 1, length: str | None = None,
-              executor: str = "local", progress: bool = True, threads: int | None = None) -> pd.DataFrame:
+def measure_one(path: str, eps, mode: str = "mdlgrok", threads: int | None = None) -> dict:
+    """Measure every checkpoint of one run (measure_run, in this process); never raises: returns an outcome."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from mdlgrok.measure import measure_run
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    outcome = {"key": Path(path).name, "path": path, "threads": torch.get_num_threads()}
+    try:
+        with threadpool_limits(threads or torch.get_num_threads()):  # numpy's BLAS (the SVDs) too
+            new = measure_run(path, list(eps), jobs=1, mode=mode, progress=False)
+        outcome.update(state="measured", checkpoints=int(new.epoch.nunique()))
+    except Exception as exc:
+        outcome.update(state="error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    outcome["seconds"] = time.perf_counter() - start
+    return outcome
+
+
+@dataclass
+class SlurmOptions:
+    """Resources of each submitit job (one run per job): Slurm partition (None: the cluster's
+    default), wall time in minutes (a job that reaches it is requeued and resumes from its
+    checkpoint, up to 3 times) and cpus, which are also the run's torch threads."""
+
+    partition: str | None = None
+    time: int = 240
+    cpus: int = 4
+
+    def __post_init__(self):
+        for name in ("time", "cpus"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                flag = "--slurm-time (minutes)" if name == "time" else "--slurm-cpus"
+                raise ValueError(f"{flag} must be a positive integer, got {v!r}")
+
+
+class ExecutorUnavailable(ValueError):
+    """An executor that cannot run here (submitit not installed, no Slurm)."""
+
+
+def import_submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise ExecutorUnavailable("the slurm and submitit-local executors need submitit: "
+                                  "pip install 'mdlgrok[slurm]' (or pip install submitit)") from None
+    return submitit
+
+
+def check_executor(executor: str, jobs: int | None) -> None:
+    """Bad executor settings fail before any work (ValueError, the command's status 2)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    if executor != "local":
+        import_submitit()
+    if executor == "slurm" and (shutil.which("sbatch") is None or shutil.which("srun") is None):
+        raise ExecutorUnavailable("--executor slurm: no Slurm here (sbatch or srun not found); "
+                                  "use --executor local or submitit-local")
+
+
+class Resumable:
+    """fn(*args) as a submitit job that Slurm may requeue: on a timeout or preemption submitit
+    calls checkpoint(), which submits the same call again; the run resumes from its last
+    checkpoint (training) or measures again (measuring), so nothing is lost but the current epoch."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, length: str | None = None,
+              executor: str = "local", progress: bool = True, threads: int | None = None,
+              slurm: SlurmOptions | None = None) -> pd.DataFrame:
     """Run what is missing of an experiment's grid and return the gathered table.
 
-    Complete runs are skipped, partial ones resume, the rest start; `jobs` local processes
-    (spawned) with `threads` torch threads each (default cores // jobs, so the cores are not
-    oversubscribed); jobs=1 runs in this process with its thread setting. A diverged run
-    (TrainingFailed) is reported and the others go on. The outcomes are in
+    Complete runs are skipped, partial ones resume, the rest start. executor="local": `jobs`
+    local processes (spawned, default 1) with `threads` torch threads each (default
+    cores // jobs, so the cores are not oversubscribed); jobs=1 runs in this process with its
+    thread setting. executor="slurm": one Slurm job array through submitit, at most `jobs`
+    tasks at once (default: no limit), each with `slurm` resources; "submitit-local": the
+    same through submitit's LocalExecutor, at most `jobs` (default 1) subprocesses at a time.
+    A diverged run (TrainingFailed) is reported and the others go on. The outcomes are in
     `table.attrs["outcomes"]`; the table is also written to <root>/<name>/table.parquet.
     """
-    if executor != "local":
-        raise ValueError(f"unknown executor {executor!r}; this version runs sweeps with 'local' processes")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    check_executor(executor, jobs)
     exp = load_experiment(experiment)
     runs = plan(exp, root, length)
     todo = [r for r in runs if r.state in ("new", "partial")]
     done = [r for r in runs if r.state not in ("new", "partial")]
-    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
+    say = _say(progress)
     say(f"sweep {exp.name}: {len(runs)} runs, {sum(r.state == 'complete' for r in runs)} complete, "
         f"{sum(r.state == 'failed' for r in runs)} failed earlier, {len(todo)} to run"
-        + (f" on {min(jobs, len(todo))} processes" if todo else ""))
+        + (f" {_where(executor, jobs, len(todo))}" if todo else ""))
     outcomes = [{"key": r.key, "path": str(r.path), "state": "skipped", "was": r.state, "epoch": r.epoch}
                 for r in done]
     for r in done:
         if r.state == "failed":
             say(f"  {r.key}: failed earlier (status.json); skipped")
-    for i, outcome in enumerate(_execute(todo, jobs, threads), 1):
+    tasks = [(r.key, p, (r.cfg.to_dict(), p)) for r in todo for p in [_job_path(r.path, executor)]]
+    for i, outcome in enumerate(_execute(run_one, tasks, jobs, threads, executor, slurm,
+                                         Path(root) / exp.name, f"mdlgrok-{exp.name}"), 1):
         outcomes.append(outcome)
         say(f"[{i}/{len(todo)}] {_describe(outcome)}")
         if outcome["state"] == "error":
@@ -378,31 +476,157 @@ def run_sweep(experiment, root: str | Path = "runs", jobs: int = 1, length: str 
     return table
 
 
-def _execute(todo: list[PlannedRun], jobs: int, threads: int | None):
-    """Outcomes of the runs, in the order they finish."""
-    if not todo:
+def measured(run: PlannedRun, mode: str = "mdlgrok") -> bool:
+    """Whether the run's metrics hold a complexity_bits row of this estimator for every checkpoint and eps."""
+    rd = RunDir(run.path)
+    epochs = {int(c.stem.split("_")[1]) for c in rd.checkpoints()}
+    m = rd.read_metrics()
+    m = m[(m.metric == "complexity_bits") & (m.estimator == mode)]
+    have = set(zip(m.epoch.astype(int), m.eps.astype(float)))
+    return {(e, float(x)) for e in epochs for x in run.cfg.eps} <= have
+
+
+def measure_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, length: str | None = None,
+                  executor: str = "local", progress: bool = True, threads: int | None = None,
+                  slurm: SlurmOptions | None = None, remeasure: bool = False,
+                  mode: str = "mdlgrok") -> pd.DataFrame:
+    """Measure the checkpoints of the experiment's complete runs, as a stage of its own; return the gathered table.
+
+    Each complete run whose metrics lack a complexity_bits row (estimator `mode`) for some
+    checkpoint and eps of its config (every complete run with `remeasure`) is measured by
+    `mdlgrok.measure.measure_run` in one task; the tasks run on the executors of run_sweep.
+    Rows of the same estimator are replaced, so measuring again never duplicates rows. Runs
+    not complete are left alone (run the sweep first). Outcomes in `table.attrs["outcomes"]`.
+    """
+    check_executor(executor, jobs)
+    if mode not in ("mdlgrok", "paper"):
+        raise ValueError(f"unknown estimator mode {mode!r}; choose mdlgrok or paper")
+    exp = load_experiment(experiment)
+    runs = plan(exp, root, length)
+    complete = [r for r in runs if r.state == "complete"]
+    todo = [r for r in complete if remeasure or not measured(r, mode)]
+    say = _say(progress)
+    say(f"measure {exp.name}: {len(runs)} runs, {len(complete)} complete, "
+        f"{len(complete) - len(todo)} measured already, {len(todo)} to measure"
+        + (f" {_where(executor, jobs, len(todo))}" if todo else ""))
+    outcomes, chosen = [], {r.key for r in todo}
+    for r in runs:
+        if r.state != "complete":
+            say(f"  {r.key}: {r.state}, not measured" + (" (run the sweep first)" if r.state != "failed" else ""))
+            outcomes.append({"key": r.key, "path": str(r.path), "state": "skipped", "was": r.state})
+        elif r.key not in chosen:
+            outcomes.append({"key": r.key, "path": str(r.path), "state": "skipped", "was": "measured"})
+    tasks = [(r.key, p, (p, tuple(r.cfg.eps), mode)) for r in todo for p in [_job_path(r.path, executor)]]
+    for i, outcome in enumerate(_execute(measure_one, tasks, jobs, threads, executor, slurm,
+                                         Path(root) / exp.name, f"mdlgrok-measure-{exp.name}"), 1):
+        outcomes.append(outcome)
+        say(f"[{i}/{len(todo)}] {_describe(outcome)}")
+        if outcome["state"] == "error":
+            say(outcome["traceback"].rstrip())
+    table = gather(Path(root) / exp.name, keys=[r.key for r in runs])
+    table.attrs["outcomes"] = outcomes
+    return table
+
+
+def _say(progress: bool):
+    return (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
+
+
+def _job_path(path: Path, executor: str) -> str:
+    """The run folder as a job gets it: absolute for submitit, since a job may start in another directory."""
+    return str(path if executor == "local" else path.resolve())
+
+
+def _where(executor: str, jobs: int | None, n: int) -> str:
+    if executor == "slurm":
+        return "as a Slurm job array" + (f" (at most {jobs} at once)" if jobs else "")
+    workers = min(jobs or 1, n)
+    return f"on {workers} {'submitit-local ' if executor == 'submitit-local' else ''}process" + "es" * (workers > 1)
+
+
+def _execute(fn, tasks: list[tuple[str, str, tuple]], jobs: int | None, threads: int | None,
+             executor: str = "local", slurm: SlurmOptions | None = None, folder: Path | None = None,
+             name: str = "mdlgrok"):
+    """Outcomes of fn(*args, threads) for tasks of (key, path, args), in the order they finish."""
+    if not tasks:
         return
-    workers = min(jobs, len(todo))
+    if executor != "local":
+        yield from _execute_submitit(fn, tasks, jobs, threads, executor, slurm or SlurmOptions(), folder, name)
+        return
+    workers = min(jobs or 1, len(tasks))
     if workers == 1:
-        for r in todo:
-            yield run_one(r.cfg.to_dict(), str(r.path), threads)
+        for _, _, args in tasks:
+            yield fn(*args, threads)
         return
     import multiprocessing
 
     threads = threads or threads_per_worker(workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        futures = {pool.submit(run_one, r.cfg.to_dict(), str(r.path), threads): r for r in todo}
+        futures = [pool.submit(fn, *args, threads) for _, _, args in tasks]
         for fut in as_completed(futures):
             yield fut.result()
     finally:  # on an interrupt, queued runs never start; running ones stop with the pool
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _execute_submitit(fn, tasks, jobs, threads, executor, slurm: SlurmOptions, folder: Path, name: str):
+    """The tasks as submitit jobs: one Slurm array (at most `jobs` at once), or LocalExecutor
+    subprocesses submitted as slots free up (at most `jobs`, default 1). A job that dies outside fn (killed,
+    out of memory, not requeued after a timeout) is an "error" outcome with submitit's message."""
+    submitit = import_submitit()
+    logs = (folder / SUBMITIT_FOLDER).resolve()
+    if executor == "slurm":
+        ex = submitit.AutoExecutor(folder=logs, cluster="slurm")
+        params = {"name": name, "timeout_min": slurm.time, "cpus_per_task": slurm.cpus}
+        if slurm.partition:
+            params["slurm_partition"] = slurm.partition
+        if jobs:
+            params["slurm_array_parallelism"] = jobs
+        ex.update_parameters(**params)
+        threads, limit, poll = threads or slurm.cpus, len(tasks), 10.0
+    else:
+        ex = submitit.LocalExecutor(folder=logs)
+        ex.update_parameters(timeout_min=slurm.time)
+        limit = min(jobs or 1, len(tasks))
+        threads, poll = threads or threads_per_worker(limit), 0.2
+    task = Resumable(fn)
+    pending, running = [(key, path, (*args, threads)) for key, path, args in tasks], {}
+    try:
+        if executor == "slurm":
+            submitted = ex.map_array(task, *zip(*(args for _, _, args in pending)))
+            running = {job: item for job, item in zip(submitted, pending)}
+            pending = []
+        while pending or running:
+            while pending and len(running) < limit:
+                item = pending.pop(0)
+                running[ex.submit(task, *item[2])] = item
+            finished = [job for job in running if job.done()]
+            for job in finished:
+                key, path, _ = running.pop(job)
+                try:
+                    yield job.result()
+                except Exception as exc:  # the job, not fn, failed: fn never raises
+                    text = str(exc)
+                    yield {"key": key, "path": path, "state": "error", "threads": threads, "seconds": 0.0,
+                           "reason": f"submitit job {job.job_id}: {text.strip().splitlines()[0] if text.strip() else type(exc).__name__}",
+                           "traceback": f"{type(exc).__name__}: {text}\n(logs in {logs})"}
+            if not finished:
+                time.sleep(poll)
+    finally:  # on an interrupt (or an early close), jobs still queued or running are cancelled
+        for job in running:
+            try:
+                job.cancel(check=False)
+            except Exception:  # pragma: no cover - best effort
+                pass
+
+
 def _describe(o: dict) -> str:
     if o["state"] == "complete":
         resumed = f" (resumed from epoch {o['resumed_from']})" if o.get("resumed_from") else ""
         return f"{o['key']}: complete at epoch {o['epoch']}{resumed} in {o['seconds']:.1f} s"
+    if o["state"] == "measured":
+        return f"{o['key']}: measured {o['checkpoints']} checkpoints in {o['seconds']:.1f} s"
     if o["state"] == "failed":
         return f"{o['key']}: FAILED: {o['reason']}"
     return f"{o['key']}: ERROR: {o['reason']}"
@@ -447,7 +671,8 @@ def gather(folder: str | Path, keys: list[str] | None = None) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- the command
 def command(a) -> int:
-    """`mdlgrok sweep`: 0 when every run is complete, 1 when some failed, 2 on bad input."""
+    """`mdlgrok sweep`: 0 when every run is complete (or, --measure-only, every measurement succeeded),
+    1 when some failed, 2 on bad input (a missing submitit, no Slurm, a bad experiment)."""
     if a.dry_run:
         exp = load_experiment(a.experiment)
         runs = plan(exp, a.root, a.length)
@@ -460,10 +685,23 @@ def command(a) -> int:
         counts = {s: sum(r.state == s for r in runs) for s in ("complete", "partial", "new", "failed")}
         print(f"{len(runs)} runs in {Path(a.root) / exp.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
         return 0
-    table = run_sweep(a.experiment, root=a.root, jobs=a.jobs, length=a.length, progress=not a.quiet)
+    check_executor(a.executor, a.jobs)  # before anything else: a missing submitit is one line, status 2
+    slurm = SlurmOptions(partition=a.slurm_partition, time=a.slurm_time, cpus=a.slurm_cpus)
+    common = dict(root=a.root, jobs=a.jobs, length=a.length, executor=a.executor, progress=not a.quiet, slurm=slurm)
+    if a.measure_only:
+        table = measure_sweep(a.experiment, remeasure=a.remeasure, mode=a.mode, **common)
+    else:
+        if a.remeasure:
+            raise ValueError("--remeasure goes with --measure-only")
+        table = run_sweep(a.experiment, **common)
     outcomes = table.attrs["outcomes"]
-    bad = [o for o in outcomes if o["state"] in ("failed", "error") or o.get("was") == "failed"]
+    if a.measure_only:
+        bad = [o for o in outcomes if o["state"] == "error"]
+        left = [o for o in outcomes if o.get("was") in ("new", "partial")]
+    else:
+        bad = [o for o in outcomes if o["state"] in ("failed", "error") or o.get("was") == "failed"]
+        left = []
     exp = load_experiment(a.experiment)
     print(f"{Path(a.root) / exp.name / TABLE_FILE}: {table.run_id.nunique()} runs, {len(table)} rows"
-          + (f"; {len(bad)} failed" if bad else ""))
+          + (f"; {len(bad)} failed" if bad else "") + (f"; {len(left)} not complete, not measured" if left else ""))
     return 1 if bad else 0

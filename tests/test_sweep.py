@@ -3,6 +3,7 @@ runs, resumes interrupted ones, gives the same table in one process or two, and 
 every run with its config columns; the `mdlgrok sweep` command in-process."""
 
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -286,3 +287,115 @@ def test_cli_sweep_bad_input_is_one_line_status_2(tmp_path, capsys, text, args, 
     assert len(lines) == 1 and lines[0].startswith("mdlgrok: error: ") and fragment in lines[0], captured.err
     assert "Traceback" not in captured.err + captured.out
     assert not root.exists()
+
+
+# ---------------------------------------------------------------- executors and the measuring stage
+def test_submitit_local_executor_gives_the_local_table(tmp_path):
+    """A 2 x 3 grid (seeds x gamma) through the local executor and through submitit's LocalExecutor."""
+    pytest.importorskip("submitit")
+    exp = tiny(name="grid", epochs=2, grid={"seed": [0, 1], "gamma": [0.0, 0.1, 0.3]})
+    local = run_sweep(exp, tmp_path / "local", progress=False, threads=1)
+    table = run_sweep(exp, tmp_path / "submitit", executor="submitit-local", jobs=2, threads=1, progress=False)
+    outcomes = table.attrs["outcomes"]
+    assert outcome_states(table) == ["complete"] * 6 and {o["threads"] for o in outcomes} == {1}
+    assert table.run_id.nunique() == 6 and set(table.gamma) == {0.0, 0.1, 0.3} and set(table.seed) == {0, 1}
+    pd.testing.assert_frame_equal(sorted_table(table), sorted_table(local), check_exact=True)
+    folder = tmp_path / "submitit" / "grid"
+    assert (folder / ".submitit").is_dir()  # submitit's pickles and logs, which gather ignores
+    pd.testing.assert_frame_equal(gather(folder), table)
+    # started again, nothing is submitted
+    assert outcome_states(run_sweep(exp, tmp_path / "submitit", executor="submitit-local", progress=False)) == \
+        ["skipped"] * 6
+
+
+def test_submitit_jobs_are_requeued_with_the_same_call():
+    """On a Slurm timeout or preemption submitit resubmits checkpoint()'s call: the same run, which resumes."""
+    pytest.importorskip("submitit")
+    task = sweep.Resumable(sweep.run_one)
+    again = task.checkpoint({"p": 7}, "runs/x/key", 1)
+    assert again.function is task and again.args == ({"p": 7}, "runs/x/key", 1)
+
+
+MEASURE_TOML = TINY_TOML.replace('name = "cli"', 'name = "stage"').replace("seed = [0, 1]", "seed = [0]") \
+    .replace("pos_rows = 4", "pos_rows = 4\neps = [1.0]")
+
+
+def test_measure_only_stage_equals_train_measure(tmp_path, capsys, monkeypatch):
+    from mdlgrok.complexity.payload import decode
+    from mdlgrok.measure import model_from_checkpoint
+
+    f = write_experiment(tmp_path / "stage.toml", MEASURE_TOML)
+    root = tmp_path / "runs"
+    assert main(["sweep", str(f), "--root", str(root), "--quiet"]) == 0  # trained, not measured
+    run = sweep.plan(load_experiment(f), root)[0]
+    assert not sweep.measured(run)
+    assert main(["sweep", str(f), "--root", str(root), "--measure-only"]) == 0
+    assert "measured 2 checkpoints" in capsys.readouterr().err
+    assert sweep.measured(run)
+    table = pd.read_parquet(root / "stage" / "table.parquet")
+    # the same run measured while training (train --measure): the same rows, but for timing
+    trained = run_sweep(tiny(name="stage", epochs=2, grid={"seed": [0]}, measure=True, eps=[1.0]),
+                        tmp_path / "measured", progress=False)
+
+    def complexity(df):  # the estimator's rows (training rows have no estimator), but for its timing
+        df = df[(df.estimator != "") & (df.metric != "estimator_seconds")]
+        return sorted_table(df.assign(run_id="run")).drop(columns="measure", errors="ignore")
+
+    got, want = complexity(table), complexity(trained)
+    assert set(got.metric) >= {"complexity_bits", "naive_bits", "codec_bits", "description_bits"}
+    bits = got[got.metric == "complexity_bits"]
+    assert sorted(zip(bits.epoch, bits.eps)) == [(1, 1.0), (2, 1.0)]
+    pd.testing.assert_frame_equal(got, want)
+    # the payloads decode to the checkpoint's tensors, and their sizes are the bits in the table
+    payloads = run.path / "payloads"
+    info = json.loads((payloads / "epoch_000002.mdlgrok.json").read_text())["results"]
+    model, *_ = model_from_checkpoint(run.path / "checkpoints" / "epoch_000002.pt")
+    for r in info:
+        state = decode((payloads / r["file"]).read_bytes())
+        assert set(state) <= set(model.state_dict()) and all(
+            state[k].shape == model.state_dict()[k].shape for k in state)
+        assert r["bits"] == bits[(bits.epoch == 2) & (bits.eps == r["eps"])].value.item()
+    # measured already: a second stage does nothing; --remeasure measures every complete run again
+    # (measure_run replaces the rows of its estimator, so rows are never duplicated)
+    n = len(table)
+    assert main(["sweep", str(f), "--root", str(root), "--measure-only", "--quiet"]) == 0
+    assert len(pd.read_parquet(root / "stage" / "table.parquet")) == n
+    calls = []
+    monkeypatch.setattr(sweep, "measure_one", lambda path, eps, mode, threads: calls.append((path, eps, mode)) or
+                        {"key": Path(path).name, "path": path, "state": "measured", "checkpoints": 2, "seconds": 0.0})
+    again = sweep.measure_sweep(f, root, remeasure=True, progress=False)
+    assert calls == [(str(run.path), (1.0,), "mdlgrok")] and outcome_states(again) == ["measured"]
+    assert len(again) == n
+
+
+def test_measure_only_leaves_runs_that_are_not_complete(tmp_path):
+    exp = tiny(name="part", epochs=2, grid={"seed": [0]}, eps=[1.0])
+    table = sweep.measure_sweep(exp, tmp_path, progress=False)  # nothing trained yet
+    assert outcome_states(table) == ["skipped"] and table.attrs["outcomes"][0]["was"] == "new" and len(table) == 0
+
+
+@pytest.mark.parametrize("args", [["--executor", "submitit-local"], ["--executor", "slurm"],
+                                  ["--executor", "submitit-local", "--measure-only"]])
+def test_missing_submitit_is_one_line_status_2(tmp_path, capsys, monkeypatch, args):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit raises ImportError
+    f = write_experiment(tmp_path / "cli.toml", TINY_TOML)
+    root = tmp_path / "runs"
+    assert main(["sweep", str(f), "--root", str(root), *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "need submitit" in lines[0] and "pip install" in lines[0], captured.err
+    assert not root.exists()
+    with pytest.raises(sweep.ExecutorUnavailable, match="pip install"):
+        run_sweep(tiny(), root, executor="submitit-local", progress=False)
+
+
+def test_slurm_without_slurm_and_bad_slurm_options_are_status_2(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setattr(sweep.shutil, "which", lambda name: None)
+    f = write_experiment(tmp_path / "cli.toml", TINY_TOML)
+    assert main(["sweep", str(f), "--root", str(tmp_path / "runs"), "--executor", "slurm"]) == 2
+    assert "no Slurm here" in capsys.readouterr().err
+    assert main(["sweep", str(f), "--root", str(tmp_path / "runs"), "--slurm-time", "0"]) == 2
+    assert "--slurm-time" in capsys.readouterr().err
+    assert main(["sweep", str(f), "--root", str(tmp_path / "runs"), "--remeasure"]) == 2
+    assert not (tmp_path / "runs").exists()
