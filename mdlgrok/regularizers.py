@@ -48,11 +48,12 @@ def weight_matrices(model: nn.Module) -> list[torch.Tensor]:
 
 
 def singular_values(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Singular values of each matrix, from the eigenvalues of its smaller Gram matrix.
+    """Singular values of each matrix (..., m, n), from the eigenvalues of its smaller Gram matrix.
 
     s_i = sqrt(eig_i(W^T W)) (or W W^T, whichever is smaller). Matrices whose Gram matrices
-    share a size are stacked into one batched ``eigvalsh``, far cheaper than one SVD each.
-    Gradients flow through the eigenvalues only.
+    share a size are stacked into one batched ``eigvalsh``, far cheaper than one SVD each;
+    leading dimensions (stacked models) are batched too. Gradients flow through the
+    eigenvalues only.
     """
     groups: dict[int, list[int]] = defaultdict(list)
     grams = []
@@ -60,9 +61,9 @@ def singular_values(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
         # float64: the Gram squares the condition number, and in float32 its rounding would put a
         # floor of ~3e-4 * s_max under the small singular values that the penalty pushes down.
         w = w.double()
-        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
         grams.append(gram)
-        groups[gram.shape[0]].append(i)
+        groups[gram.shape[-1]].append(i)
     out: list[torch.Tensor] = [None] * len(matrices)  # type: ignore[list-item]
     for idx in groups.values():
         stacked = torch.stack([grams[i] for i in idx])
@@ -72,14 +73,15 @@ def singular_values(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
         eig = torch.linalg.eigvalsh(torch.where(finite, stacked, 0.0)).masked_fill(~finite[..., 0], float("nan"))
         s = eig.clamp_min(0).add(1e-30).sqrt().to(matrices[0].dtype)
         for row, i in enumerate(idx):
-            out[i] = s[row].flip(0)  # descending, like svdvals
+            out[i] = s[row].flip(-1)  # descending, like svdvals
     return out
 
 
 def spectral_entropy(s: torch.Tensor) -> torch.Tensor:
-    """H(W) = -sum_i p_i ln p_i with p_i = s_i / sum(s) (nats); effective rank is exp(H)."""
-    p = s / s.sum()
-    return -(p * torch.log(p.clamp_min(1e-30))).sum()
+    """H(W) = -sum_i p_i ln p_i with p_i = s_i / sum(s) (nats), over the last dimension;
+    effective rank is exp(H)."""
+    p = s / s.sum(-1, keepdim=True)
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
 
 
 def mean_spectral_entropy(model: nn.Module) -> torch.Tensor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import pandas as pd
@@ -28,6 +27,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.nn import functional as F
 
 from mdlgrok.models import build_model
+from mdlgrok.regularizers import singular_values, spectral_entropy
 from mdlgrok.results import row, rows_to_frame
 from mdlgrok.tasks import epoch_batches, make_dataset, paper_batch_size
 from mdlgrok.train import LOG_PROB_FLOOR, TrainConfig, log_epochs, model_metrics
@@ -123,29 +123,9 @@ def stacked_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 def stacked_spectral_entropy(params: dict[str, torch.Tensor]) -> torch.Tensor:
     """(N,) mean over weight matrices of H(W) per model: regularizers.mean_spectral_entropy on
-    stacked parameters. Same computation as regularizers.singular_values (float64 Gram matrix of
-    the smaller side, one batched eigvalsh per Gram size, non-finite weights -> NaN), batched
-    over models as well as matrices."""
+    stacked parameters (regularizers.singular_values batches over the model dimension)."""
     mats = [w.reshape(w.shape[0], w.shape[1], -1) for w in params.values() if w.ndim >= 3]
-    groups: dict[int, list[int]] = defaultdict(list)
-    grams = []
-    for i, w in enumerate(mats):
-        w = w.double()
-        gram = w.mT @ w if w.shape[1] >= w.shape[2] else w @ w.mT
-        grams.append(gram)
-        groups[gram.shape[-1]].append(i)
-    entropies: list[torch.Tensor] = [None] * len(mats)  # type: ignore[list-item]
-    n = mats[0].shape[0]
-    for idx in groups.values():
-        stacked = torch.cat([grams[i] for i in idx])  # (len(idx) * N, g, g), matrix-major
-        finite = torch.isfinite(stacked).all(dim=(-2, -1), keepdim=True)
-        eig = torch.linalg.eigvalsh(torch.where(finite, stacked, 0.0)).masked_fill(~finite[..., 0], float("nan"))
-        s = eig.clamp_min(0).add(1e-30).sqrt().to(mats[0].dtype).flip(-1)
-        p = s / s.sum(-1, keepdim=True)
-        h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
-        for j, i in enumerate(idx):
-            entropies[i] = h[j * n:(j + 1) * n]
-    return torch.stack(entropies, dim=1).mean(1)
+    return torch.stack([spectral_entropy(s) for s in singular_values(mats)], dim=1).mean(1)
 
 
 @dataclass
