@@ -465,15 +465,8 @@ def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, le
         if r.state == "failed":
             say(f"  {r.key}: failed earlier (status.json); skipped")
     tasks = [(r.key, p, (r.cfg.to_dict(), p)) for r in todo for p in [_job_path(r.path, executor)]]
-    for i, outcome in enumerate(_execute(run_one, tasks, jobs, threads, executor, slurm,
-                                         Path(root) / exp.name, f"mdlgrok-{exp.name}"), 1):
-        outcomes.append(outcome)
-        say(f"[{i}/{len(todo)}] {_describe(outcome)}")
-        if outcome["state"] == "error":
-            say(outcome["traceback"].rstrip())
-    table = gather(Path(root) / exp.name, keys=[r.key for r in runs])
-    table.attrs["outcomes"] = outcomes
-    return table
+    return _run_and_gather(run_one, tasks, f"mdlgrok-{exp.name}", outcomes, say, runs, exp, root,
+                           jobs, threads, executor, slurm)
 
 
 def measured(run: PlannedRun, mode: str = "mdlgrok") -> bool:
@@ -517,10 +510,16 @@ def measure_sweep(experiment, root: str | Path = "runs", jobs: int | None = None
         elif r.key not in chosen:
             outcomes.append({"key": r.key, "path": str(r.path), "state": "skipped", "was": "measured"})
     tasks = [(r.key, p, (p, tuple(r.cfg.eps), mode)) for r in todo for p in [_job_path(r.path, executor)]]
-    for i, outcome in enumerate(_execute(measure_one, tasks, jobs, threads, executor, slurm,
-                                         Path(root) / exp.name, f"mdlgrok-measure-{exp.name}"), 1):
+    return _run_and_gather(measure_one, tasks, f"mdlgrok-measure-{exp.name}", outcomes, say, runs, exp, root,
+                           jobs, threads, executor, slurm)
+
+
+def _run_and_gather(fn, tasks, job_name, outcomes, say, runs, exp, root, jobs, threads, executor, slurm):
+    """Run the tasks on the executor, report each outcome, then gather the experiment's table."""
+    for i, outcome in enumerate(_execute(fn, tasks, jobs, threads, executor, slurm, Path(root) / exp.name,
+                                         job_name), 1):
         outcomes.append(outcome)
-        say(f"[{i}/{len(todo)}] {_describe(outcome)}")
+        say(f"[{i}/{len(tasks)}] {_describe(outcome)}")
         if outcome["state"] == "error":
             say(outcome["traceback"].rstrip())
     table = gather(Path(root) / exp.name, keys=[r.key for r in runs])
