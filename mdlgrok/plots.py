@@ -21,8 +21,8 @@ def save(fig, path: str | Path) -> list[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = [path.with_suffix(".pdf"), path.with_suffix(".png")]
-    for p in out:
-        fig.savefig(p, dpi=150, bbox_inches="tight")
+    for p in out:  # no creation date in the PDF: the same table gives the same bytes
+        fig.savefig(p, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
     plt.close(fig)
     return out
 
