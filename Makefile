@@ -9,7 +9,7 @@ EXPERIMENTS := rise_and_fall four_tasks regularizers attention
 LENGTH      ?= cpu
 JOBS        ?= 2
 
-.PHONY: help install test test-slow demo bench bench-train bench-estimator bench-stacked figures reproduce clean
+.PHONY: help install test test-slow demo bench bench-train bench-estimator bench-stacked bench-sweep figures reproduce clean
 
 help:
 	@echo "make demo            train add/p=113/ours for 600 epochs on CPU and measure complexity"
@@ -41,7 +41,7 @@ demo: $(VENV_OK)
 	$(PY) -m mdlgrok train --task add --p 113 --preset ours --epochs 600 --seed 0 --out $(DEMO) --measure
 	$(PY) -m mdlgrok summary $(DEMO) --plot $(DEMO)/rise_and_fall.png
 
-bench: bench-train bench-stacked bench-estimator
+bench: bench-train bench-stacked bench-sweep bench-estimator
 
 bench-train: $(VENV_OK)
 	$(PY) benchmarks/bench_train.py
@@ -49,6 +49,9 @@ bench-train: $(VENV_OK)
 bench-estimator: $(VENV_OK)
 	test -f runs/demo/status.json || $(MAKE) demo
 	$(PY) benchmarks/bench_estimator.py runs/demo
+
+bench-sweep: $(VENV_OK)
+	$(PY) benchmarks/bench_sweep.py --epochs 60
 
 # N stacked models in one process (pass DEVICE=cuda on a GPU machine)
 DEVICE ?= cpu
