@@ -18,9 +18,8 @@ from typing import Callable
 import torch
 from threadpoolctl import threadpool_limits
 
-from mdlgrok.complexity.codecs import codec_versions
 from mdlgrok.complexity.coarse import targets_of
-from mdlgrok.complexity.payload import Entry, decode, encode_all
+from mdlgrok.complexity.payload import Entry, bin_width, decode, encode_all
 from mdlgrok.complexity.search import LossError, LossOracle, Search
 
 PAPER_EPS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -55,8 +54,6 @@ def naive_bits(model: torch.nn.Module) -> int:
 
 
 def choices_of(entries: list[Entry]) -> list[dict]:
-    from mdlgrok.complexity.payload import bin_width
-
     return [{"name": e.name, "kind": e.kind, "rank": e.rank,
              "bins": [bin_width(j) for j in e.bins]} for e in entries]
 
@@ -127,7 +124,3 @@ def _extra(eval_fn, oracle: LossOracle, payload: bytes) -> dict[str, float]:
         return {}
     oracle.probe.load_state_dict(decode(payload))
     return {k: float(v) for k, v in eval_fn(oracle.probe).items()}
-
-
-def versions() -> dict[str, str]:
-    return codec_versions()

@@ -85,7 +85,6 @@ def paper_estimate(model: torch.nn.Module, loss_fn: Callable, eps: list[float], 
     """One Bayesian-optimization search per eps, as the paper; Results like `estimate`."""
     from mdlgrok.complexity.estimate import Result, base_loss, naive_bits
 
-    start = time.perf_counter()
     oracle = LossOracle(model, loss_fn)
     base = base_loss(oracle)
     check = LossOracle(model, constraint_fn) if constraint_fn else None
@@ -118,7 +117,6 @@ def paper_estimate(model: torch.nn.Module, loss_fn: Callable, eps: list[float], 
         results.append(Result(e, 8 * len(payload), payload, "bz2-pickle", {"bz2-pickle": 8 * len(payload)}, naive,
                               base, loss, [{"tau": tau, "delta": 10.0**log_delta}], oracle.calls - calls0,
                               time.perf_counter() - t0, "paper", extra))
-    del start
     return results
 
 
