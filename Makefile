@@ -51,7 +51,7 @@ bench-estimator: $(VENV_OK)
 	$(PY) benchmarks/bench_estimator.py runs/demo
 
 bench-sweep: $(VENV_OK)
-	$(PY) benchmarks/bench_sweep.py --epochs 60
+	$(PY) benchmarks/bench_sweep.py --epochs 200
 
 # N stacked models in one process (pass DEVICE=cuda on a GPU machine)
 DEVICE ?= cpu

@@ -1,6 +1,6 @@
 """Sweep throughput: 4 paper-size runs through the local executor against one after another.
 
-    python benchmarks/bench_sweep.py --epochs 60          # (make bench-sweep)
+    python benchmarks/bench_sweep.py --epochs 200         # (make bench-sweep)
 
 The runs are the paper's 1-block transformer on add mod 113 with "ours", seeds 0-3, without
 complexity measuring. "sequential" trains them in this process with torch's default threads;
