@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from mdlgrok import mdl, plots
+from mdlgrok.tasks import TaskConfig, make_dataset
 
 EPS_MAIN = 0.5  # the paper's headline tolerance
 CONFIG_COLUMNS = ["task", "p", "frac", "preset", "attention", "layers", "wd", "gamma", "sigma", "seed", "epochs"]
@@ -28,8 +29,8 @@ def final_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def n_train(task: str, p: int, frac: float) -> int:
-    """Training-set size: floor(frac * N), N = p*p pairs (division: p*(p-1))."""
-    return math.floor(frac * (p * (p - 1) if task == "div" else p * p))
+    """Training-set size of the task's own split."""
+    return len(make_dataset(TaskConfig(task, p, frac)).y_train)
 
 
 def description_table(table: pd.DataFrame, eps: float = EPS_MAIN, delta: float = 0.05) -> pd.DataFrame:
