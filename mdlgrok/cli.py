@@ -89,6 +89,9 @@ def _sweep_args(sub) -> None:
     w.add_argument("--slurm-cpus", type=int, default=4, help="cpus per job, also its torch threads (default 4)")
     w.add_argument("--measure-only", action="store_true",
                    help="train nothing: measure the complexity of the complete runs that lack it, then gather")
+    w.add_argument("--no-share", action="store_true",
+                   help="train a run even when the same config is complete in another experiment under --root "
+                        "(default: link to it)")
     w.add_argument("--remeasure", action="store_true", help="with --measure-only: measure every complete run again")
     w.add_argument("--mode", default="mdlgrok", help="with --measure-only: estimator, mdlgrok (default) or paper")
 

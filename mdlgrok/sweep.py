@@ -29,7 +29,10 @@ Executors: `local` (processes on this machine, threads per process = cores // jo
 `slurm` (a Slurm job array through submitit; each task resumes from its run's last
 checkpoint, so a job requeued after a timeout or preemption continues where it stopped) and
 `submitit-local` (submitit's LocalExecutor: the same code path as slurm, as subprocesses
-here, at most `jobs` at a time). `--measure-only` measures the checkpoints of every complete
+here, at most `jobs` at a time). Runs are shared across experiments under one root: a new
+run whose key (so its whole resolved config) is complete in a sibling experiment's folder
+becomes a relative link to it instead of training again (`share=False`, `--no-share`: train
+it anyway). `--measure-only` measures the checkpoints of every complete
 run whose metrics lack complexity rows (all of them with `--remeasure`) on the same
 executors, then gathers the table again.
 """
@@ -299,6 +302,28 @@ def run_state(path: Path, cfg: TrainConfig) -> tuple[str, int]:
     return "partial", epoch
 
 
+def find_shared(root: Path, run: PlannedRun) -> Path | None:
+    """A complete run of the same key (hence the same resolved config) in another experiment under root."""
+    for other in sorted(Path(root).glob(f"*/{run.key}")):
+        if other.parent != run.path.parent and not other.is_symlink() and run_state(other, run.cfg)[0] == "complete":
+            return other
+    return None
+
+
+def share_runs(runs: list[PlannedRun], root: str | Path, say) -> None:
+    """Link each new run to a complete run of the same config in a sibling experiment (in place: state complete)."""
+    for r in runs:
+        other = find_shared(Path(root), r) if r.state == "new" else None
+        if other is None:
+            continue
+        r.path.parent.mkdir(parents=True, exist_ok=True)
+        if r.path.is_symlink():  # a dangling link left behind: replace it
+            r.path.unlink()
+        r.path.symlink_to(os.path.relpath(other, r.path.parent), target_is_directory=True)
+        r.state, r.epoch = run_state(r.path, r.cfg)
+        say(f"  {r.key}: complete in {other.parent.name}; linked, not trained again")
+
+
 def plan(experiment, root: str | Path = "runs", length: str | None = None) -> list[PlannedRun]:
     """The experiment's runs with their folders and states."""
     exp = load_experiment(experiment)
@@ -438,10 +463,11 @@ class Resumable:
 
 def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, length: str | None = None,
               executor: str = "local", progress: bool = True, threads: int | None = None,
-              slurm: SlurmOptions | None = None) -> pd.DataFrame:
+              slurm: SlurmOptions | None = None, share: bool = True) -> pd.DataFrame:
     """Run what is missing of an experiment's grid and return the gathered table.
 
-    Complete runs are skipped, partial ones resume, the rest start. executor="local": `jobs`
+    Complete runs are skipped, partial ones resume, the rest start; with `share`, a new run
+    complete under another experiment of the same root is linked (`share_runs`). executor="local": `jobs`
     local processes (spawned, default 1) with `threads` torch threads each (default
     cores // jobs, so the cores are not oversubscribed); jobs=1 runs in this process with its
     thread setting. executor="slurm": one Slurm job array through submitit, at most `jobs`
@@ -453,9 +479,11 @@ def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, le
     check_executor(executor, jobs)
     exp = load_experiment(experiment)
     runs = plan(exp, root, length)
+    say = _say(progress)
+    if share:
+        share_runs(runs, root, say)
     todo = [r for r in runs if r.state in ("new", "partial")]
     done = [r for r in runs if r.state not in ("new", "partial")]
-    say = _say(progress)
     say(f"sweep {exp.name}: {len(runs)} runs, {sum(r.state == 'complete' for r in runs)} complete, "
         f"{sum(r.state == 'failed' for r in runs)} failed earlier, {len(todo)} to run"
         + (f" {_where(executor, jobs, len(todo))}" if todo else ""))
@@ -679,6 +707,8 @@ def command(a) -> int:
         width = max(len(r.key) for r in runs)
         for r in runs:
             state = r.state + (f" (epoch {r.epoch})" if r.state in ("partial", "failed") else "")
+            other = find_shared(Path(a.root), r) if r.state == "new" and not a.no_share else None
+            state = f"link ({other.parent.name})" if other else state
             values = " ".join(f"{k}={getattr(r.cfg, k)}" for k in shown)
             print(f"{r.key:<{width}}  {state:<17} epochs={r.cfg.epochs} {values}".rstrip())
         counts = {s: sum(r.state == s for r in runs) for s in ("complete", "partial", "new", "failed")}
@@ -692,7 +722,7 @@ def command(a) -> int:
     else:
         if a.remeasure:
             raise ValueError("--remeasure goes with --measure-only")
-        table = run_sweep(a.experiment, **common)
+        table = run_sweep(a.experiment, share=not a.no_share, **common)
     outcomes = table.attrs["outcomes"]
     if a.measure_only:
         bad = [o for o in outcomes if o["state"] == "error"]

@@ -3,6 +3,7 @@ runs, resumes interrupted ones, gives the same table in one process or two, and 
 every run with its config columns; the `mdlgrok sweep` command in-process."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -153,6 +154,29 @@ def test_a_second_sweep_does_no_work(reference, tmp_path):
     assert outcome_states(table) == ["skipped"] * 4
     assert {k: v for k, v in snapshot(folder).items() if k != "table.parquet"} == before
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_runs_complete_in_another_experiment_are_linked_not_trained(reference, tmp_path, capsys):
+    ref_root, expected = reference
+    root = tmp_path / "runs"
+    shutil.copytree(ref_root / "tiny", root / "tiny", symlinks=True)
+    other = tiny(name="other", grid={"seed": [0, 2], "preset": ["ours"]}, epochs=4)
+    text = ('name = "other"\n[base]\ntask = "add"\np = 7\npos_rows = 4\n[grid]\nseed = [0, 2]\npreset = ["ours"]\n'
+            '[lengths]\ncpu = 4\n')
+    assert main(["sweep", str(write_experiment(tmp_path / "other.toml", text)), "--root", str(root), "--dry-run"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert "link (tiny)" in shown[0] and " new " in shown[1]
+    table = run_sweep(other, root, jobs=1, progress=False)
+    linked = [r for r in sweep.plan(other, root) if r.path.is_symlink()]
+    assert [r.cfg.seed for r in linked] == [0] and linked[0].path.resolve() == (root / "tiny" / linked[0].key).resolve()
+    assert outcome_states(table) == ["complete", "skipped"]  # seed 2 trained, seed 0 linked
+    mine = table[table.run_id == linked[0].key]
+    ref = expected[expected.run_id == linked[0].key]
+    pd.testing.assert_frame_equal(sorted_table(mine), sorted_table(ref[mine.columns]))
+    # --no-share trains it in this experiment's own folder instead
+    table = run_sweep(tiny(name="own", grid={"seed": [0], "preset": ["ours"]}, epochs=4), root, jobs=1,
+                      progress=False, share=False)
+    assert outcome_states(table) == ["complete"] and not any(p.is_symlink() for p in (root / "own").iterdir())
 
 
 def test_interrupted_sweep_finishes_only_missing_runs_and_equals_uninterrupted(reference, tmp_path, monkeypatch):
