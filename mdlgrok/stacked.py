@@ -18,7 +18,9 @@ On CPU the metrics equal N separate runs to float tolerance (tests/test_stacked.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import time
 from dataclasses import dataclass
 
 import pandas as pd
@@ -28,12 +30,15 @@ from torch.nn import functional as F
 
 from mdlgrok.models import build_model
 from mdlgrok.regularizers import singular_values, spectral_entropy
-from mdlgrok.results import row, rows_to_frame
+from mdlgrok.results import (RunDir, environment, load_checkpoint, row, rows_to_frame, save_checkpoint, write_json,
+                             write_table)
 from mdlgrok.tasks import epoch_batches, make_dataset, paper_batch_size
-from mdlgrok.train import LOG_PROB_FLOOR, TrainConfig, log_epochs, model_metrics
+from mdlgrok.train import LOG_PROB_FLOOR, TrainConfig, check_resumable, log_epochs
 
 # Fields that must agree for models to share one stacked step: the architecture and the data
 # shapes (split sizes, batch sizes, number of steps). Everything else is per model.
+METRIC_ORDER = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "spectral_entropy",
+                "effective_rank")  # train.model_metrics, in its order
 SHARED_FIELDS = ("task", "p", "frac", "model", "layers", "attention", "pos_rows", "batch", "epochs")
 
 
@@ -173,8 +178,8 @@ class StackedTrainer:
         self._eval_model = models[0].to(self.device)  # a real module, reloaded per model for evaluation
         self.n = len(configs)
         d = [m.data for m in self.models_state]
-        self.x_train = torch.stack([x.x_train for x in d]).to(self.device)  # (N, n_train, 4)
-        self.y_train = torch.stack([x.y_train for x in d]).to(self.device)
+        for name in ("x_train", "y_train", "x_test", "y_test"):  # (N, n, 4) tokens and (N, n) targets
+            setattr(self, name, torch.stack([getattr(x, name) for x in d]).to(self.device))
         n_train = self.x_train.shape[1]
         first = configs[0]
         self.batch = n_train if first.batch == 0 else (first.batch or paper_batch_size(n_train))
@@ -276,27 +281,79 @@ class StackedTrainer:
         m.load_state_dict({k: v[i].detach() for k, v in self.params.items()})
         return m
 
-    def metrics(self, i: int) -> dict[str, float]:
-        """train.model_metrics of model i on its own split."""
-        m = self._eval_model
-        with torch.no_grad():
-            for k, p in m.named_parameters():
-                p.copy_(self.params[k][i])
-        data = self.models_state[i].data
-        if self.device.type != "cpu":
-            data = copy.copy(data)
-            for name in ("x_train", "y_train", "x_test", "y_test"):
-                setattr(data, name, getattr(data, name).to(self.device))
-        return model_metrics(m, data)
+    @torch.no_grad()
+    def metrics_all(self, chunk: int = 4096) -> list[dict[str, float]]:
+        """train.model_metrics of every model, batched over the stack without autograd: one
+        vmapped forward per chunk of examples, one batched spectral decomposition per shape."""
+        out: dict[str, torch.Tensor] = {}
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            loss_sum = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+            correct = torch.zeros(self.n, dtype=torch.int64, device=self.device)
+            for xs, ys in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):
+                logits = self.forward(self.params, xs)
+                loss_sum += stacked_cross_entropy(logits, ys).double() * ys.shape[1]
+                correct += (logits.argmax(-1) == ys).sum(1)
+            out[f"{split}_loss"] = loss_sum / y.shape[1]
+            out[f"{split}_acc"] = correct.double() / y.shape[1]
+        out["weight_norm"] = sum(p.double().pow(2).flatten(1).sum(1) for p in self.params.values()).sqrt()
+        out["spectral_entropy"] = stacked_spectral_entropy(self.params)
+        mats = [w.reshape(w.shape[0], w.shape[1], -1) for w in self.params.values() if w.ndim >= 3]
+        mats = [torch.where(w.isfinite(), w, 0.0) for w in mats]  # a failed model's rows are not recorded
+        out["effective_rank"] = torch.stack([spectral_entropy(torch.linalg.svdvals(w)).exp() for w in mats], 1).mean(1)
+        values = {k: v.tolist() for k, v in out.items()}
+        return [{k: float(values[k][i]) for k in METRIC_ORDER} for i in range(self.n)]
 
     def record(self) -> None:
         """Append the metric rows of every model that has not failed, as Trainer.record."""
-        for i, st in enumerate(self.models_state):
+        for i, (st, metrics) in enumerate(zip(self.models_state, self.metrics_all())):
             if not st.failed:
-                self.rows[i] += [row(st.run_id, self.epoch, self.step_count, k, v) for k, v in self.metrics(i).items()]
+                self.rows[i] += [row(st.run_id, self.epoch, self.step_count, k, v) for k, v in metrics.items()]
 
     def frames(self) -> list[pd.DataFrame]:
         return [rows_to_frame(r) for r in self.rows]
+
+    # ----- checkpoints: Trainer.state's format, so that either trainer resumes the other's runs
+    def state(self, i: int) -> dict:
+        """Model i's checkpoint, exactly as Trainer.state() writes it (model, torch AdamW state, rng)."""
+        cfg = self.models_state[i].cfg
+        model = self.model(i).cpu()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                weight_decay=cfg.reg_config().wd)
+        if self.opt.t:
+            for k, p in model.named_parameters():
+                opt.state[p] = {"step": torch.tensor(float(self.opt.t)),
+                                "exp_avg": self.opt.exp_avg[k][i].detach().cpu().clone(),
+                                "exp_avg_sq": self.opt.exp_avg_sq[k][i].detach().cpu().clone()}
+        st = self.models_state[i]
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "rng": {"shuffle": st.shuffle_gen.get_state(), "noise": st.noise_gen.get_state()},
+                "epoch": self.epoch, "step": self.step_count, "config": json.dumps(cfg.to_dict())}
+
+    @torch.no_grad()
+    def load_state(self, i: int, ckpt: dict) -> None:
+        """Restore model i from a checkpoint of Trainer.state() or state(); every model of a stack
+        resumes from the same epoch and step (the optimizer's step count is shared)."""
+        epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        if i and (epoch, step) != (self.epoch, self.step_count):
+            raise ValueError(f"model {i} resumes from epoch {epoch}, step {step}, the stack from "
+                             f"epoch {self.epoch}, step {self.step_count}: stack runs that stopped at the same epoch")
+        names = list(self.params)
+        for k in names:
+            self.params[k][i] = ckpt["model"][k].to(self.device)
+        moments = ckpt["optimizer"]["state"]
+        for j, k in enumerate(names):
+            state = moments.get(j, moments.get(str(j)))
+            for name, target in (("exp_avg", self.opt.exp_avg), ("exp_avg_sq", self.opt.exp_avg_sq)):
+                target[k][i] = state[name].to(self.device) if state else 0.0
+        st = self.models_state[i]
+        try:
+            st.shuffle_gen.set_state(ckpt["rng"]["shuffle"])
+            st.noise_gen.set_state(ckpt["rng"]["noise"])
+        except RuntimeError as exc:
+            raise ValueError(f"model {i}: its checkpoint's noise generator was not drawn on "
+                             f"{st.noise_gen.device} ({exc}); resume it where it started") from None
+        self.epoch, self.step_count, self.opt.t = epoch, step, step
 
 
 def train_stacked(configs: list[TrainConfig], epochs: int | None = None, run_ids: list[str] | None = None,
@@ -322,3 +379,55 @@ def train_stacked(configs: list[TrainConfig], epochs: int | None = None, run_ids
             schedule.pop(0)
             st.record()
     return st.frames()
+
+
+def train_runs(configs: list[TrainConfig], paths: list[str], device: str | torch.device = "cpu",
+               exact_noise: bool | None = None) -> list[dict]:
+    """train.train for N run folders at once, as one stack: each folder gets what its own
+    train(cfg, path, resume=True) writes (config, environment, metrics rows and checkpoints at
+    log_epochs, status), and a partial run resumes from its last checkpoint (every run of the
+    stack must have stopped at the same epoch). Returns one {"path", "state", "epoch"[, "reason"]}
+    per run; a diverged run is marked failed and frozen while the others go on.
+    """
+    runs = [RunDir(p) for p in paths]
+    st = StackedTrainer(configs, [r.run_id for r in runs], device, exact_noise)
+    for i, (cfg, run) in enumerate(zip(configs, runs)):
+        if run.config.exists():
+            check_resumable(TrainConfig.from_dict(json.loads(run.config.read_text())), cfg, run)
+        checkpoints = run.checkpoints()
+        if checkpoints:
+            st.load_state(i, load_checkpoint(checkpoints[-1]))
+            kept = run.read_metrics()
+            st.rows[i] = kept[kept.epoch <= st.epoch].to_dict("records")
+        elif st.epoch:
+            raise ValueError(f"{run.path} has no checkpoint but the stack resumes from epoch {st.epoch}")
+        write_json(run.config, cfg.to_dict())
+        write_json(run.env, environment())
+        run.set_status("running", epoch=st.epoch)
+    epochs = st.configs[0].epochs
+    schedule = [e for e in log_epochs(epochs) if e > st.epoch]
+    start = time.perf_counter()
+    while st.epoch < epochs and bool(st.active.any()):
+        total = st.train_epoch()
+        for i, value in enumerate(total.tolist()):
+            ms = st.models_state[i]
+            if not ms.failed and not math.isfinite(value):
+                ms.failed = f"loss became {value} at epoch {st.epoch}"
+                st.active[i] = False
+                runs[i].set_status("failed", reason=ms.failed, epoch=st.epoch)
+        if schedule and st.epoch == schedule[0]:
+            schedule.pop(0)
+            st.record()
+            for i, run in enumerate(runs):  # rows first, then the checkpoint, as train.checkpoint
+                if not st.models_state[i].failed:
+                    write_table(run.metrics, rows_to_frame(st.rows[i]))
+                    save_checkpoint(run.checkpoint_path(st.epoch), st.state(i))
+    wall = round(time.perf_counter() - start, 3)
+    out = []
+    for run, ms in zip(runs, st.models_state):
+        if ms.failed:
+            out.append({"path": str(run.path), "state": "failed", "epoch": st.epoch, "reason": ms.failed})
+        else:
+            run.set_status("complete", epoch=st.epoch, wall_s=wall, stacked=st.n)
+            out.append({"path": str(run.path), "state": "complete", "epoch": st.epoch})
+    return out

@@ -11,25 +11,28 @@ many weights, stay within 1e-4 relative.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_config
 
 from mdlgrok.models import build_model
 from mdlgrok.regularizers import mean_spectral_entropy
-from mdlgrok.results import RunDir
+from mdlgrok.results import RunDir, load_checkpoint
 from mdlgrok.stacked import (
     StackedAdamW,
     StackedTrainer,
     can_stack,
     check_stackable,
     stacked_spectral_entropy,
+    train_runs,
     train_stacked,
 )
-from mdlgrok.train import TrainConfig, Trainer, log_epochs, model_metrics
+from mdlgrok.train import TrainConfig, Trainer, log_epochs, model_metrics, train
 
 EPOCHS = 5
 RTOL, ATOL = 1e-4, 1e-5
@@ -151,3 +154,66 @@ def test_log_schedule_and_steps_like_train():
     assert df.run_id.unique().tolist() == ["stack0-seed0"]
     assert all(math.isfinite(v) for v in df.value)
     assert np.array_equal(df.groupby("epoch").step.first().to_numpy(), np.array([3, 6, 9]))
+
+
+# ---------------------------------------------------------------- run folders, checkpoints, resume
+def assert_tables_close(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    key = ["epoch", "metric"]
+    got, want = got.sort_values(key).reset_index(drop=True), want.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[key + ["step"]], want[key + ["step"]])
+    np.testing.assert_allclose(got.value, want.value, rtol=RTOL, atol=ATOL)
+
+
+def test_batched_metrics_equal_model_metrics():
+    cfgs = configs()
+    st = StackedTrainer(cfgs)
+    st.train_epoch()
+    for i, got in enumerate(st.metrics_all()):
+        want = model_metrics(st.model(i), st.models_state[i].data)
+        assert list(got) == list(want)
+        for name in want:
+            assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (i, name)
+
+
+def test_train_runs_writes_the_folders_train_writes(tmp_path):
+    cfgs = configs()
+    results = train_runs(cfgs, [str(tmp_path / f"stack{i}") for i in range(3)])
+    assert [r["state"] for r in results] == ["complete"] * 3
+    for i, cfg in enumerate(cfgs):
+        train(cfg, str(tmp_path / f"alone{i}"), progress=False)
+        stacked, alone = RunDir(tmp_path / f"stack{i}"), RunDir(tmp_path / f"alone{i}")
+        assert [p.name for p in stacked.checkpoints()] == [p.name for p in alone.checkpoints()]
+        assert stacked.read_status()["state"] == "complete" and stacked.read_status()["stacked"] == 3
+        assert json.loads(stacked.config.read_text()) == json.loads(alone.config.read_text())
+        assert_tables_close(stacked.read_metrics().drop(columns="run_id"), alone.read_metrics().drop(columns="run_id"))
+        a, b = load_checkpoint(stacked.checkpoints()[-1]), load_checkpoint(alone.checkpoints()[-1])
+        assert (a["epoch"], a["step"], a["config"]) == (b["epoch"], b["step"], b["config"])
+        assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+        for j, want in b["optimizer"]["state"].items():
+            assert float(a["optimizer"]["state"][j]["step"]) == float(want["step"])
+            torch.testing.assert_close(a["optimizer"]["state"][j]["exp_avg_sq"], want["exp_avg_sq"], rtol=1e-3, atol=1e-9)
+
+
+def resumed(tmp_path, first, second) -> pd.DataFrame:
+    """Train 3 epochs with `first`, then resume to EPOCHS with `second` ("train" or "stack")."""
+    cfg, path = configs()[2], str(tmp_path / f"{first}-{second}")
+    for how, epochs in ((first, 3), (second, EPOCHS)):
+        c = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs})
+        if how == "train":
+            train(c, path, resume=True, progress=False)
+        else:
+            assert train_runs([c], [path])[0]["state"] == "complete"
+    return RunDir(path).read_metrics().drop(columns="run_id")
+
+
+def test_stacks_and_trainers_resume_each_others_runs(tmp_path):
+    straight = resumed(tmp_path, "train", "train")
+    for first, second in (("stack", "stack"), ("train", "stack"), ("stack", "train")):
+        assert_tables_close(resumed(tmp_path, first, second), straight)
+
+
+def test_a_stack_resumes_only_from_one_epoch(tmp_path):
+    cfgs = configs()[:2]
+    train(TrainConfig.from_dict({**cfgs[0].to_dict(), "epochs": 2}), str(tmp_path / "a"), progress=False)
+    with pytest.raises(ValueError, match="same epoch|no checkpoint"):
+        train_runs(cfgs, [str(tmp_path / "a"), str(tmp_path / "b")])
