@@ -92,6 +92,11 @@ def _sweep_args(sub) -> None:
     w.add_argument("--no-share", action="store_true",
                    help="train a run even when the same config is complete in another experiment under --root "
                         "(default: link to it)")
+    w.add_argument("--device", default="auto", help="auto (default: cuda when torch sees a GPU), cpu or cuda")
+    w.add_argument("--stack", default="auto", choices=["auto", "on", "off"],
+                   help="train runs of one architecture together as stacks (mdlgrok.stacked): auto (default) "
+                        "stacks on a GPU, where it pays, and runs one process per run on CPU")
+    w.add_argument("--stack-size", type=int, default=64, help="most runs per stack (default 64)")
     w.add_argument("--remeasure", action="store_true", help="with --measure-only: measure every complete run again")
     w.add_argument("--mode", default="mdlgrok", help="with --measure-only: estimator, mdlgrok (default) or paper")
 

@@ -5,6 +5,7 @@ into one tidy table.
     mdlgrok sweep experiments/rise_and_fall.toml --length paper --dry-run
     mdlgrok sweep experiments/rise_and_fall.toml --executor slurm --slurm-partition cpu   # pip install submitit
     mdlgrok sweep experiments/rise_and_fall.toml --measure-only --jobs 2              # complexity as its own stage
+    mdlgrok sweep experiments/regularizers.toml --device cuda --stack-size 64          # stacks of runs on a GPU
 
 An experiment file (TOML):
 
@@ -32,7 +33,9 @@ checkpoint, so a job requeued after a timeout or preemption continues where it s
 here, at most `jobs` at a time). Runs are shared across experiments under one root: a new
 run whose key (so its whole resolved config) is complete in a sibling experiment's folder
 becomes a relative link to it instead of training again (`share=False`, `--no-share`: train
-it anyway). `--measure-only` measures the checkpoints of every complete
+it anyway). On a GPU (`--device auto` finds it) runs train as stacks (`mdlgrok.stacked`:
+N models of one architecture per process, `--stack on|off|auto`, `--stack-size`), each
+stack one executor task; measuring them is then a stage of its own. `--measure-only` measures the checkpoints of every complete
 run whose metrics lack complexity rows (all of them with `--remeasure`) on the same
 executors, then gathers the table again.
 """
@@ -76,6 +79,7 @@ EXTRA_COLUMNS = ["pos_rows", "noise", "lr", "batch", "adam_eps"]
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 EXECUTORS = ("local", "slurm", "submitit-local")
+STACK_MODES = ("auto", "on", "off")
 SUBMITIT_FOLDER = ".submitit"  # <root>/<name>/.submitit: submitit's pickles and job logs
 
 
@@ -379,6 +383,30 @@ def run_one(cfg_dict: dict, path: str, threads: int | None = None) -> dict:
     return outcome
 
 
+def run_stack(cfg_dicts: list[dict], paths: list[str], device: str = "cpu", threads: int | None = None) -> list[dict]:
+    """Train (or resume) runs together as one stack (mdlgrok.stacked.train_runs); in a worker
+    process. Never raises: returns one outcome per run."""
+    import torch
+
+    from mdlgrok.stacked import train_runs
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    base = {"threads": torch.get_num_threads(), "stacked": len(paths), "device": device}
+    resumed = [RunDir(p).checkpoints() for p in paths]
+    try:
+        results = train_runs([TrainConfig.from_dict(d) for d in cfg_dicts], paths, device)
+        outcomes = [{"key": Path(r["path"]).name, **base, **r} for r in results]
+    except Exception as exc:  # a bug or a bad stack: every run of it is reported, the other stacks go on
+        error = {"state": "error", "reason": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        outcomes = [{"key": Path(p).name, "path": p, **base, **error} for p in paths]
+    for o, ckpts in zip(outcomes, resumed):
+        o.update(seconds=time.perf_counter() - start,
+                 resumed_from=int(ckpts[-1].stem.split("_")[1]) if ckpts else 0)
+    return outcomes
+
+
 def measure_one(path: str, eps, mode: str = "mdlgrok", threads: int | None = None) -> dict:
     """Measure every checkpoint of one run (measure_run, in this process); never raises: returns an outcome."""
     import torch
@@ -461,13 +489,55 @@ class Resumable:
         return DelayedSubmission(self, *args, **kwargs)
 
 
+def resolve_device(device: str) -> str:
+    """auto: cuda where torch sees a GPU, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}, but torch sees no GPU (torch.cuda.is_available() is False)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return device
+
+
+def use_stacks(stack: str, device: str) -> bool:
+    """Whether to train runs as stacks: `auto` stacks on a GPU, where it pays (bench-stacked), not on CPU."""
+    if stack not in STACK_MODES:
+        raise ValueError(f"unknown stack mode {stack!r}; choose {', '.join(STACK_MODES)}")
+    if stack == "off" and device != "cpu":
+        raise ValueError(f"--stack off trains one run per process on CPU; --device {device} needs stacks")
+    return stack == "on" or (stack == "auto" and device != "cpu")
+
+
+def stack_groups(runs: list[PlannedRun], size: int) -> list[list[PlannedRun]]:
+    """Runs that train as one stack: the same shared fields (mdlgrok.stacked.SHARED_FIELDS) and the
+    same resume epoch (their last checkpoint), at most `size` runs per stack, in plan order."""
+    from mdlgrok.stacked import SHARED_FIELDS
+
+    if size < 1:
+        raise ValueError(f"--stack-size must be at least 1, got {size}")
+    groups: dict[tuple, list[PlannedRun]] = {}
+    for r in runs:
+        ckpts = RunDir(r.path).checkpoints()
+        start = int(ckpts[-1].stem.split("_")[1]) if ckpts else 0
+        groups.setdefault((*(getattr(r.cfg, f) for f in SHARED_FIELDS), start), []).append(r)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
 def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, length: str | None = None,
               executor: str = "local", progress: bool = True, threads: int | None = None,
-              slurm: SlurmOptions | None = None, share: bool = True) -> pd.DataFrame:
+              slurm: SlurmOptions | None = None, share: bool = True, stack: str = "auto",
+              device: str = "auto", stack_size: int = 64) -> pd.DataFrame:
     """Run what is missing of an experiment's grid and return the gathered table.
 
     Complete runs are skipped, partial ones resume, the rest start; with `share`, a new run
-    complete under another experiment of the same root is linked (`share_runs`). executor="local": `jobs`
+    complete under another experiment of the same root is linked (`share_runs`). Stacks
+    (`stack`: auto, on, off): with "on", or "auto" on a GPU (`device` auto picks cuda when
+    torch sees one), runs that share architecture, data shapes and resume epoch train together
+    (`stack_groups`, at most `stack_size` per stack, one executor task each), then the measured
+    ones are measured as a stage of their own; otherwise each run is one task on CPU. executor="local": `jobs`
     local processes (spawned, default 1) with `threads` torch threads each (default
     cores // jobs, so the cores are not oversubscribed); jobs=1 runs in this process with its
     thread setting. executor="slurm": one Slurm job array through submitit, at most `jobs`
@@ -477,6 +547,10 @@ def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, le
     `table.attrs["outcomes"]`; the table is also written to <root>/<name>/table.parquet.
     """
     check_executor(executor, jobs)
+    device = resolve_device(device)
+    stacked = use_stacks(stack, device)
+    if stack_size < 1:
+        raise ValueError(f"--stack-size must be at least 1, got {stack_size}")
     exp = load_experiment(experiment)
     runs = plan(exp, root, length)
     say = _say(progress)
@@ -492,9 +566,26 @@ def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, le
     for r in done:
         if r.state == "failed":
             say(f"  {r.key}: failed earlier (status.json); skipped")
-    tasks = [(r.key, p, (r.cfg.to_dict(), p)) for r in todo for p in [_job_path(r.path, executor)]]
-    return _run_and_gather(run_one, tasks, f"mdlgrok-{exp.name}", outcomes, say, runs, exp, root,
-                           jobs, threads, executor, slurm)
+    if not stacked:
+        tasks = [(r.key, p, (r.cfg.to_dict(), p)) for r in todo for p in [_job_path(r.path, executor)]]
+        return _run_and_gather(run_one, tasks, f"mdlgrok-{exp.name}", outcomes, say, runs, exp, root,
+                               jobs, threads, executor, slurm)
+    stacks = stack_groups(todo, stack_size)
+    if stacks:
+        say(f"  as {len(stacks)} stack{'s' * (len(stacks) > 1)} on {device}: {', '.join(str(len(g)) for g in stacks)} runs")
+    tasks = [(g[0].key, str(g[0].path), ([r.cfg.to_dict() for r in g], [_job_path(r.path, executor) for r in g], device))
+             for g in stacks]
+    table = _run_and_gather(run_stack, tasks, f"mdlgrok-{exp.name}", outcomes, say, runs, exp, root,
+                            jobs, threads, executor, slurm)
+    new = [r for r in todo if r.cfg.measure and RunDir(r.path).read_status().get("state") == "complete"]
+    if not new:
+        return table
+    tasks = [(r.key, p, (p, tuple(r.cfg.eps), "mdlgrok")) for r in new for p in [_job_path(r.path, executor)]]
+    measured = _run_and_gather(measure_one, tasks, f"mdlgrok-measure-{exp.name}", [], say, runs, exp, root,
+                               jobs, threads, executor, slurm)
+    errors = [o for o in measured.attrs["outcomes"] if o["state"] == "error"]
+    measured.attrs["outcomes"] = table.attrs["outcomes"] + errors  # one outcome per run, plus measuring errors
+    return measured
 
 
 def measured(run: PlannedRun, mode: str = "mdlgrok") -> bool:
@@ -544,12 +635,13 @@ def measure_sweep(experiment, root: str | Path = "runs", jobs: int | None = None
 
 def _run_and_gather(fn, tasks, job_name, outcomes, say, runs, exp, root, jobs, threads, executor, slurm):
     """Run the tasks on the executor, report each outcome, then gather the experiment's table."""
-    for i, outcome in enumerate(_execute(fn, tasks, jobs, threads, executor, slurm, Path(root) / exp.name,
-                                         job_name), 1):
-        outcomes.append(outcome)
-        say(f"[{i}/{len(tasks)}] {_describe(outcome)}")
-        if outcome["state"] == "error":
-            say(outcome["traceback"].rstrip())
+    for i, result in enumerate(_execute(fn, tasks, jobs, threads, executor, slurm, Path(root) / exp.name,
+                                        job_name), 1):
+        for outcome in result if isinstance(result, list) else [result]:  # a stack: one outcome per run
+            outcomes.append(outcome)
+            say(f"[{i}/{len(tasks)}] {_describe(outcome)}")
+            if outcome["state"] == "error":
+                say(outcome["traceback"].rstrip())
     table = gather(Path(root) / exp.name, keys=[r.key for r in runs])
     table.attrs["outcomes"] = outcomes
     return table
@@ -651,7 +743,8 @@ def _execute_submitit(fn, tasks, jobs, threads, executor, slurm: SlurmOptions, f
 def _describe(o: dict) -> str:
     if o["state"] == "complete":
         resumed = f" (resumed from epoch {o['resumed_from']})" if o.get("resumed_from") else ""
-        return f"{o['key']}: complete at epoch {o['epoch']}{resumed} in {o['seconds']:.1f} s"
+        stack = f" (stack of {o['stacked']} on {o['device']})" if o.get("stacked") else ""
+        return f"{o['key']}: complete at epoch {o['epoch']}{resumed}{stack} in {o['seconds']:.1f} s"
     if o["state"] == "measured":
         return f"{o['key']}: measured {o['checkpoints']} checkpoints in {o['seconds']:.1f} s"
     if o["state"] == "failed":
@@ -722,7 +815,8 @@ def command(a) -> int:
     else:
         if a.remeasure:
             raise ValueError("--remeasure goes with --measure-only")
-        table = run_sweep(a.experiment, share=not a.no_share, **common)
+        table = run_sweep(a.experiment, share=not a.no_share, stack=a.stack, device=a.device,
+                          stack_size=a.stack_size, **common)
     outcomes = table.attrs["outcomes"]
     if a.measure_only:
         bad = [o for o in outcomes if o["state"] == "error"]

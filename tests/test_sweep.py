@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -245,6 +246,58 @@ def test_measured_sweep_gathers_complexity_rows(tmp_path):
     assert len(bits) == 1 and set(bits.eps) == {1.0} and (bits.value > 0).all()
     assert set(bits.estimator) == {"mdlgrok"} and (bits.codec != "").all()
     assert (tmp_path / "tiny" / table.run_id.iloc[0] / "payloads").is_dir()
+
+
+def assert_close_tables(got, want):
+    got, want = sorted_table(got), sorted_table(want)
+    pd.testing.assert_frame_equal(got.drop(columns="value"), want.drop(columns="value"))
+    np.testing.assert_allclose(got.value, want.value, rtol=1e-4, atol=1e-5)  # tolerances of test_stacked
+
+
+def test_stacked_sweep_equals_separate_runs_and_is_skipped_when_done(reference, tmp_path, capsys):
+    _, expected = reference
+    exp = tiny(epochs=4)
+    exp["grid"] = [exp["grid"], {"lr": [1e30], "seed": [0]}]  # plus a run that diverges at epoch 1
+    table = run_sweep(exp, tmp_path, stack="on", device="cpu", stack_size=3)
+    assert outcome_states(table) == ["complete"] * 4 + ["failed"]
+    assert sorted(o["stacked"] for o in table.attrs["outcomes"]) == [2, 2, 3, 3, 3]  # 5 runs, stacks of 3 and 2
+    err = capsys.readouterr().err
+    assert "as 2 stacks on cpu: 3, 2 runs" in err and err.count("(stack of") == 4 and err.count("FAILED") == 1
+    assert_close_tables(table, expected)
+    assert outcome_states(run_sweep(exp, tmp_path, stack="on", device="cpu", progress=False)) == ["skipped"] * 5
+
+
+def test_stack_groups_share_fields_and_resume_epoch(tmp_path):
+    exp = tiny(epochs=2, grid={"seed": [0, 1, 2], "frac": [0.5, 0.6]})
+    runs = sweep.plan(exp, tmp_path)
+    assert sorted(len(g) for g in sweep.stack_groups(runs, 64)) == [3, 3]  # frac changes the split sizes
+    assert sorted(len(g) for g in sweep.stack_groups(runs, 2)) == [1, 1, 2, 2]
+    train_mod.train(runs[0].cfg, str(runs[0].path), progress=False)  # one run ahead of its group
+    groups = sweep.stack_groups(runs, 64)
+    assert sorted(len(g) for g in groups) == [1, 2, 3] and [runs[0]] in groups
+    with pytest.raises(ValueError, match="at least 1"):
+        sweep.stack_groups(runs, 0)
+
+
+def test_measured_stacked_sweep_measures_as_its_own_stage(tmp_path):
+    exp = tiny(epochs=1, grid={"seed": [0, 1]}, measure=True, eps=[1])
+    table = run_sweep(exp, tmp_path, stack="on", device="cpu", progress=False)
+    bits = table[table.metric == "complexity_bits"]
+    assert outcome_states(table) == ["complete", "complete"]
+    assert bits.groupby("run_id").size().tolist() == [1, 1] and (bits.value > 0).all()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--stack", "off", "--device", "cuda"], "GPU"),
+    (["--device", "tpu"], "unknown device"),
+    (["--stack", "on", "--stack-size", "0"], "at least 1"),
+])
+def test_bad_stack_options_are_one_line_status_2(tmp_path, capsys, monkeypatch, args, fragment):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    f = write_experiment(tmp_path / "cli.toml", TINY_TOML)
+    assert main(["sweep", str(f), "--root", str(tmp_path / "runs"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
 
 
 # ---------------------------------------------------------------- the command
