@@ -46,15 +46,16 @@ bench: bench-train bench-stacked bench-sweep bench-estimator
 bench-train: $(VENV_OK)
 	$(PY) benchmarks/bench_train.py
 
+# estimator time per checkpoint (all 7 eps), against the paper-faithful search on the same checkpoint
 bench-estimator: $(VENV_OK)
 	test -f runs/demo/status.json || $(MAKE) demo
-	$(PY) benchmarks/bench_estimator.py runs/demo
+	$(PY) benchmarks/bench_estimator.py runs/demo --epochs 600
 
 bench-sweep: $(VENV_OK)
 	$(PY) benchmarks/bench_sweep.py --epochs 200
 
-# N stacked models in one process (pass DEVICE=cuda on a GPU machine)
-DEVICE ?= cpu
+# N stacked models in one process (DEVICE=auto: cuda when torch sees a GPU, else cpu)
+DEVICE ?= auto
 bench-stacked: $(VENV_OK)
 	$(PY) benchmarks/bench_stacked.py --device $(DEVICE) --n 1 8 64 --steps 10
 

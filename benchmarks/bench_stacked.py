@@ -43,7 +43,7 @@ def ms_per_stacked_step(n: int, preset: str, steps: int, device: torch.device, w
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1, 8, 64], help="stack sizes (1 is always measured)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when torch sees a GPU")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--preset", default="ours", choices=["none", "wd", "ours"])
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--trainer", action="store_true", help="also time one plain Trainer step (CPU only)")
     args = ap.parse_args()
-    device = torch.device(args.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
