@@ -14,6 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from mdlgrok.complexity import LossError, decode, estimate, naive_bits
+from mdlgrok.complexity.estimate import read_rows
+from mdlgrok.complexity.search import LossOracle
 from mdlgrok.models import ModelConfig, build_model
 from mdlgrok.tasks import TaskConfig, make_dataset
 from mdlgrok.train import evaluate
@@ -242,6 +244,53 @@ def test_closure_failing_on_every_coarse_model_falls_back_to_lossless():
     assert all(c["kind"] == "raw" for c in r.choices)
     state = decode(r.payload)
     assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+# ---------------------------------------------------------------- rows the loss never reads
+def test_unread_rows_of_a_positional_table_are_not_coded(trained):
+    model, data, loss_fn, eps, results = trained
+    assert model.pos.weight.shape[0] == 7  # the paper's layout: as many rows as tokens, 4 read
+    assert read_rows(LossOracle(model, loss_fn), loss_fn(model)) == {"pos.weight": (0, 1, 2, 3)}
+    for r in results:
+        pos = next(c for c in r.choices if c["name"] == "pos.weight")
+        assert pos["rows"] == (4 if pos["kind"] in ("dense", "lowrank") else None)
+        assert torch.equal(decode(r.payload)["pos.weight"][4:], torch.zeros(3, 16))
+
+
+class SlicedAndWhole(nn.Module):
+    """A table read by slicing its first rows, and as a whole (times zero) as well."""
+
+    def __init__(self, whole: bool):
+        super().__init__()
+        self.table, self.whole = nn.Parameter(torch.randn(6, 4)), whole
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = x @ self.table[:2]
+        return self.out(h + (0 * self.table.sum() if self.whole else 0))
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_rows_read_in_any_way_are_kept(whole):
+    torch.manual_seed(0)
+    model, x = SlicedAndWhole(whole), torch.randn(32, 2)
+    y = model(x).argmax(-1)
+    loss_fn = ce_closure(x, y)
+    rows = read_rows(LossOracle(model, loss_fn), loss_fn(model))
+    assert rows == ({} if whole else {"table": (0, 1)})
+    check_honest(model, loss_fn, estimate(model, loss_fn, [0.1, 1.0]), [0.1, 1.0])
+
+
+def test_rows_whose_zeros_change_the_loss_are_kept():
+    """NaN in rows 2.. leaves this loss unchanged but zeros there change it: nothing is dropped."""
+    torch.manual_seed(0)
+    model, x = SlicedAndWhole(False), torch.randn(32, 2)
+    base_fn = ce_closure(x, model(x).argmax(-1))
+
+    def loss_fn(m):
+        return base_fn(m) + float((m.table[2:] == 0).any())
+
+    assert read_rows(LossOracle(model, loss_fn), loss_fn(model)) == {}
 
 
 # ---------------------------------------------------------------- bad input

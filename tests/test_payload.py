@@ -124,8 +124,12 @@ def random_entries(draw):
         state[f"t{i}"] = values.to(dtype) if dtype.is_floating_point else (values * 10).to(dtype)
     if draw(st.booleans()):
         state["tied"] = state["t0"]
+    rows = {}  # some tensors coded on a subset of their rows (the others decode to zero)
+    for name, t in state.items():
+        if t.ndim and t.shape[0] >= 2 and draw(st.booleans()):
+            rows[name] = tuple(sorted(draw(st.sets(st.integers(0, t.shape[0] - 1), min_size=1))))
     entries = []
-    for t in targets_of(state):
+    for t in targets_of(state, rows):
         kind = draw(st.sampled_from(["dense", "lowrank", "zero", "raw"]))
         j = draw(st.integers(-60, 10))
         if not t.quantizable or kind == "raw":
@@ -143,6 +147,31 @@ def random_entries(draw):
 @given(random_entries(), st.sampled_from(CODECS))
 def test_decode_encode_is_state_dict_of(entries, codec):
     assert_same_state(decode(encode(entries, codec)), state_dict_of(entries))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_entries_on_some_rows_decode_with_the_other_rows_zero(codec):
+    g = torch.Generator().manual_seed(1)
+    state = OrderedDict([("pos", torch.randn(9, 6, generator=g)), ("table", torch.randn(8, 5, generator=g))])
+    rows = {"pos": (0, 1, 2, 3), "table": (1, 4, 7)}
+    dense, low = targets_of(state, rows)
+    entries = [dense_entry(dense, -40), lowrank_entry(low, 2, -40)]
+    assert [e.rows for e in entries] == [rows["pos"], rows["table"]] and len(entries[0].codes[0]) == 4 * 6
+    decoded = decode(encode(entries, codec))
+    assert_same_state(decoded, state_dict_of(entries))
+    for name, keep in rows.items():
+        other = [i for i in range(state[name].shape[0]) if i not in keep]
+        assert torch.equal(decoded[name][other], torch.zeros(len(other), state[name].shape[1]))
+    assert (decoded["pos"][:4] - state["pos"][:4]).abs().max() <= bin_width(-40) / 2 + 1e-7
+    assert [e.rows for e in decode_entries(encode(entries, codec))[0]] == [rows["pos"], rows["table"]]
+
+
+def test_a_row_list_past_the_tensor_is_an_error():
+    (t,) = targets_of(OrderedDict([("pos", torch.ones(4, 3))]), {"pos": (0, 3)})
+    entry = dense_entry(t, -8)
+    entry.rows = (0, 4)  # row 4 of a 4-row tensor
+    with pytest.raises(ValueError, match="row list"):
+        decode(encode([entry], "zstd"))
 
 
 def test_encode_all_gives_every_codec_and_they_agree():

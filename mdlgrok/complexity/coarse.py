@@ -23,11 +23,25 @@ class Target:
     name: str
     tensor: torch.Tensor  # the original, on CPU
     alias: int = -1  # index of an earlier entry sharing this storage
-    w: np.ndarray = field(init=False, repr=False)  # float64 flat copy (floating tensors)
+    rows: tuple[int, ...] = ()  # the only rows the loss reads (empty: all); the others decode to zero
+    w: np.ndarray = field(init=False, repr=False)  # float64 flat copy of the coded rows (floating tensors)
     _svd: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        self.w = self.tensor.detach().double().numpy().reshape(-1) if self.quantizable else np.zeros(0)
+        self.w = self.coded().detach().double().numpy().reshape(-1) if self.quantizable else np.zeros(0)
+
+    def coded(self) -> torch.Tensor:
+        """The part of the tensor that is coded: its listed rows, or all of it."""
+        return self.tensor[list(self.rows)] if self.rows else self.tensor
+
+    def full(self, coded: np.ndarray) -> torch.Tensor:
+        """A tensor of the original shape and dtype from values of the coded part (other rows zero)."""
+        part = torch.from_numpy(coded.reshape(self.coded_shape)).to(self.tensor.dtype)
+        if not self.rows:
+            return part
+        out = torch.zeros(self.shape, dtype=self.tensor.dtype)
+        out[list(self.rows)] = part
+        return out
 
     @property
     def quantizable(self) -> bool:
@@ -35,26 +49,31 @@ class Target:
 
     @property
     def is_matrix(self) -> bool:
-        return self.quantizable and self.tensor.ndim >= 2 and min(matrix_shape(tuple(self.tensor.shape))) >= 2
+        return self.quantizable and self.tensor.ndim >= 2 and min(matrix_shape(self.coded_shape)) >= 2
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.tensor.shape)
 
+    @property
+    def coded_shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.shape[1:]) if self.rows else self.shape
+
     def svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(U, s, Vt) of the matrix view, computed once (float64)."""
+        """(U, s, Vt) of the matrix view of the coded part, computed once (float64)."""
         if self._svd is None:
-            self._svd = np.linalg.svd(self.w.reshape(matrix_shape(self.shape)), full_matrices=False)
+            self._svd = np.linalg.svd(self.w.reshape(matrix_shape(self.coded_shape)), full_matrices=False)
         return self._svd
 
     def max_lowrank(self) -> int:
         """Largest rank whose factors are cheaper than the matrix: k (m + n) < m n."""
-        m, n = matrix_shape(self.shape)
+        m, n = matrix_shape(self.coded_shape)
         return (m * n - 1) // (m + n)
 
 
-def targets_of(state: dict[str, torch.Tensor]) -> list[Target]:
-    """Targets of a state dict; entries sharing storage (tied weights) become aliases."""
+def targets_of(state: dict[str, torch.Tensor], rows: dict[str, tuple[int, ...]] | None = None) -> list[Target]:
+    """Targets of a state dict; entries sharing storage (tied weights) become aliases. rows[name]:
+    the only rows of that tensor the loss reads (see estimate.read_rows)."""
     seen: dict[tuple, int] = {}
     out = []
     for i, (name, t) in enumerate(state.items()):
@@ -63,7 +82,7 @@ def targets_of(state: dict[str, torch.Tensor]) -> list[Target]:
         alias = seen.get(key, -1) if key else -1
         if key and alias < 0:
             seen[key] = i
-        out.append(Target(i, name, t.cpu(), alias))
+        out.append(Target(i, name, t.cpu(), alias, rows=(rows or {}).get(name, ()) if alias < 0 else ()))
     return out
 
 
@@ -97,7 +116,7 @@ def dense_entry(t: Target, j: int) -> Entry:
     codes = quantize(t.w, j)
     if not codes.any():
         return zero_entry(t)
-    return Entry(t.name, t.shape, t.tensor.dtype, "dense", codes=(codes,), bins=(j,))
+    return Entry(t.name, t.shape, t.tensor.dtype, "dense", codes=(codes,), bins=(j,), rows=t.rows)
 
 
 def factors(t: Target, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +132,7 @@ def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None) -> Entry:
     a, b = factors(t, k)
     jb = ja if jb is None else jb
     codes = (quantize(a, ja).ravel(), quantize(b, jb).ravel())
-    return Entry(t.name, t.shape, t.tensor.dtype, "lowrank", codes=codes, bins=(ja, jb), rank=k)
+    return Entry(t.name, t.shape, t.tensor.dtype, "lowrank", codes=codes, bins=(ja, jb), rank=k, rows=t.rows)
 
 
 def raw_entry(t: Target) -> Entry:

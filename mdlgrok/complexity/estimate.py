@@ -37,7 +37,7 @@ class Result:
     naive_bits: int  # bzip2 of the raw float32 weights, per tensor (the paper's baseline)
     base_loss: float  # loss of the original model, nats
     coarse_loss: float  # loss of decode(payload), nats; <= base_loss + eps
-    choices: list[dict]  # per tensor: name, kind, rank, bin
+    choices: list[dict]  # per tensor: name, kind, rank, bins, rows (see choices_of)
     loss_evals: int  # loss calls of the whole search (shared by all eps)
     seconds: float  # wall time of the whole search (shared by all eps)
     mode: str = "mdlgrok"
@@ -54,8 +54,10 @@ def naive_bits(model: torch.nn.Module) -> int:
 
 
 def choices_of(entries: list[Entry]) -> list[dict]:
-    return [{"name": e.name, "kind": e.kind, "rank": e.rank,
-             "bins": [bin_width(j) for j in e.bins]} for e in entries]
+    """Per entry: name, kind, rank, bin widths, and rows: how many rows are coded where the loss
+    reads only some (the others decode to zero), else None."""
+    return [{"name": e.name, "kind": e.kind, "rank": e.rank, "bins": [bin_width(j) for j in e.bins],
+             "rows": len(e.rows) if e.rows and e.kind in ("dense", "lowrank") else None} for e in entries]
 
 
 def check_eps(eps) -> list[float]:
@@ -70,6 +72,46 @@ def base_loss(oracle: LossOracle) -> float:
     if not math.isfinite(value):
         raise LossError("the loss closure returned a non-finite value for the original model")
     return value
+
+
+def read_rows(oracle: LossOracle, base: float) -> dict[str, tuple[int, ...]]:
+    """For tensors whose last rows the loss never reads (a positional table longer than the
+    sequence), the rows it reads: name -> (0, ..., r - 1).
+
+    A row block counts as unread when filling it with NaN leaves the loss bit for bit
+    unchanged (any read of a NaN, even times zero, makes the loss NaN); a binary search finds
+    the shortest prefix that holds every read row. One loss call per matrix whose last row is
+    read, about log2(rows) more for the others, and one final check that zeroing all unread
+    rows at once leaves the loss unchanged (else no rows are dropped)."""
+    rows = {}
+    for name, t in oracle.original.items():
+        if not t.is_floating_point() or t.ndim < 2 or t.shape[0] < 2 or _reads_from(oracle, base, name, t.shape[0] - 1):
+            continue
+        lo, hi = 0, t.shape[0] - 1  # rows hi.. are unread; find the smallest such hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if _reads_from(oracle, base, name, mid) else (lo, mid)
+        if hi > 0:  # hi == 0: nothing is read; the search's zero option covers that tensor
+            rows[name] = tuple(range(hi))
+    if rows:
+        trimmed = {k: _filled(oracle.original[k], len(r), 0.0) for k, r in rows.items()}
+        if oracle(trimmed) != base:
+            return {}
+    return rows
+
+
+def _filled(t: torch.Tensor, start: int, value: float) -> torch.Tensor:
+    out = t.clone()
+    out[start:] = value
+    return out
+
+
+def _reads_from(oracle: LossOracle, base: float, name: str, start: int) -> bool:
+    """Whether the loss reads any of rows start.. of tensor `name` (NaN there changes it)."""
+    try:
+        return oracle({name: _filled(oracle.original[name], start, math.nan)}) != base
+    except LossError:  # a closure that refuses NaN weights reads them
+        return True
 
 
 def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float], eps=PAPER_EPS, *,
@@ -95,9 +137,10 @@ def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float]
     start = time.perf_counter()
     oracle = LossOracle(model, loss_fn)
     base = base_loss(oracle)
+    rows = read_rows(oracle, base)
     # numpy's BLAS threads only spin on these small SVDs and products; torch keeps its own.
     with threadpool_limits(1, user_api="blas"):
-        search = Search(targets_of(oracle.original), oracle, base, lowrank=lowrank, seed=seed)
+        search = Search(targets_of(oracle.original, rows), oracle, base, lowrank=lowrank, seed=seed)
         configs = {e: search.best(e, polish=polish) for e in sorted(eps, reverse=True)}
         verified = [verify(search.entries(c), oracle) for c in dict.fromkeys(configs.values())]
     naive = naive_bits(model)

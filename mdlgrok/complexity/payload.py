@@ -16,6 +16,9 @@ The header names every entry with its dtype, shape and kind:
   raw      the tensor's own bytes (non-float tensors);
   alias    the same tensor as an earlier entry (tied weights).
 Bins lie on the grid delta = 2 ** (j / BIN_STEPS) and are stored as the integer j.
+A dense or lowrank entry may cover only some rows of its tensor (the rows an embedding
+table's lookups reach): its kind byte then has ROWS_FLAG set and the row indices follow
+(count, then gaps); the codes describe those rows and every other row is zero.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from mdlgrok.complexity.codecs import (BYTE_CODECS, CODEC_IDS, CODEC_NAMES, ENTR
 MAGIC = 0xD1
 BIN_STEPS = 8  # bins on a grid of 2^(1/8)
 KINDS = ("zero", "dense", "lowrank", "raw", "alias")
+ROWS_FLAG = 0x80  # on the kind byte: the entry covers only the listed rows
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
           torch.int16, torch.int8, torch.uint8, torch.bool)
 
@@ -55,10 +59,16 @@ class Entry:
     raw: bytes = b""
     alias: int = -1
     matrix: tuple[int, int] = field(default=(0, 0), repr=False)  # (m, n) view for lowrank
+    rows: tuple[int, ...] = ()  # dense/lowrank: the rows the codes cover (empty: all); the rest are zero
 
     def __post_init__(self):
         if self.kind == "lowrank" and self.matrix == (0, 0):
-            self.matrix = matrix_shape(self.shape)
+            self.matrix = matrix_shape(self.coded_shape)
+
+    @property
+    def coded_shape(self) -> tuple[int, ...]:
+        """The shape the codes describe: the listed rows, or the whole tensor."""
+        return (len(self.rows), *self.shape[1:]) if self.rows else self.shape
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -68,16 +78,24 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def entry_tensor(e: Entry, earlier: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The tensor an entry stands for; the single definition used by search and decoder."""
+    if e.rows and e.kind in ("dense", "lowrank"):
+        full = torch.zeros(e.shape, dtype=e.dtype)
+        full[list(e.rows)] = _coded_tensor(e, e.coded_shape)
+        return full
+    return _coded_tensor(e, e.shape, earlier)
+
+
+def _coded_tensor(e: Entry, shape: tuple[int, ...], earlier: list[torch.Tensor] | None = None) -> torch.Tensor:
     if e.kind == "zero":
         return torch.zeros(e.shape, dtype=e.dtype)
     if e.kind == "dense":
         values = e.codes[0].astype(np.float64) * bin_width(e.bins[0])
-        return torch.from_numpy(values.reshape(e.shape)).to(e.dtype)
+        return torch.from_numpy(values.reshape(shape)).to(e.dtype)
     if e.kind == "lowrank":
         (m, n), k = e.matrix, e.rank
         a = e.codes[0].reshape(m, k).astype(np.float64) * bin_width(e.bins[0])
         b = e.codes[1].reshape(k, n).astype(np.float64) * bin_width(e.bins[1])
-        return torch.from_numpy((a @ b).reshape(e.shape)).to(e.dtype)
+        return torch.from_numpy((a @ b).reshape(shape)).to(e.dtype)
     if e.kind == "raw":
         flat = torch.frombuffer(bytearray(e.raw), dtype=torch.uint8) if e.raw else torch.empty(0, dtype=torch.uint8)
         return flat.view(e.dtype).reshape(e.shape).clone()
@@ -98,8 +116,11 @@ def _header(entries: list[Entry]) -> bytes:
     h = bytearray(varint(len(entries)))
     for e in entries:
         name = e.name.encode()
-        h += varint(len(name)) + name + bytes([DTYPES.index(e.dtype), KINDS.index(e.kind)])
+        rows = e.rows if e.kind in ("dense", "lowrank") else ()
+        h += varint(len(name)) + name + bytes([DTYPES.index(e.dtype), KINDS.index(e.kind) | (ROWS_FLAG if rows else 0)])
         h += varint(len(e.shape)) + b"".join(varint(d) for d in e.shape)
+        if rows:
+            h += varint(len(rows)) + b"".join(varint(g) for g in np.diff(rows, prepend=-1) - 1)
         if e.kind == "dense":
             h += varint(zigzag(e.bins[0]))
         elif e.kind == "lowrank":
@@ -114,7 +135,7 @@ def _header(entries: list[Entry]) -> bytes:
 def _code_sizes(e: Entry) -> list[int]:
     """Lengths of the code arrays of an entry, from its header alone."""
     if e.kind == "dense":
-        return [int(np.prod(e.shape, dtype=np.int64))]
+        return [int(np.prod(e.coded_shape, dtype=np.int64))]
     if e.kind == "lowrank":
         m, n = e.matrix
         return [m * e.rank, e.rank * n]
@@ -125,16 +146,19 @@ def _read_header(r: Reader) -> list[Entry]:
     entries = []
     for i in range(r.varint()):
         name = r.take(r.varint()).decode()
-        dtype_id, kind_id = r.take(2)
-        if dtype_id >= len(DTYPES) or kind_id >= len(KINDS):
+        dtype_id, kind_byte = r.take(2)
+        kind_id, has_rows = kind_byte & ~ROWS_FLAG, bool(kind_byte & ROWS_FLAG)
+        if dtype_id >= len(DTYPES) or kind_id >= len(KINDS) or (has_rows and KINDS[kind_id] not in ("dense", "lowrank")):
             raise ValueError("payload is corrupt (unknown dtype or kind)")
         shape = tuple(r.varint() for _ in range(r.varint()))
         e = Entry(name, shape, DTYPES[dtype_id], KINDS[kind_id])
+        if has_rows:
+            e.rows = _read_rows(r, shape)
         if e.kind == "dense":
             e.bins = (r.svarint(),)
         elif e.kind == "lowrank":
             e.rank, e.bins = r.varint(), (r.svarint(), r.svarint())
-            e.matrix = matrix_shape(shape)
+            e.matrix = matrix_shape(e.coded_shape)
         elif e.kind == "raw":
             e.raw = r.take(r.varint())
         elif e.kind == "alias" and not 0 <= (alias := r.varint()) < i:
@@ -143,6 +167,14 @@ def _read_header(r: Reader) -> list[Entry]:
             e.alias = alias
         entries.append(e)
     return entries
+
+
+def _read_rows(r: Reader, shape: tuple[int, ...]) -> tuple[int, ...]:
+    count = r.varint()
+    rows = np.cumsum([r.varint() + 1 for _ in range(count)]) - 1 if count else np.zeros(0, dtype=np.int64)
+    if not shape or count == 0 or rows[-1] >= shape[0]:
+        raise ValueError("payload is corrupt (row list)")
+    return tuple(int(i) for i in rows)
 
 
 # ---------------------------------------------------------------- code streams

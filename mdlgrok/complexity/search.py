@@ -192,7 +192,7 @@ def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Gener
 
 
 def _as_tensor(t: Target, flat: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(flat.reshape(t.shape)).to(t.tensor.dtype)
+    return t.full(flat)
 
 
 class Search:
