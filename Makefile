@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 DEMO    := runs/demo
 
-EXPERIMENTS := rise_and_fall four_tasks regularizers attention
+EXPERIMENTS := rise_and_fall four_tasks regularizers gamma attention
 # LENGTH: cpu (600 epochs) or paper (10,000 epochs); JOBS: parallel runs
 LENGTH      ?= cpu
 JOBS        ?= 2
