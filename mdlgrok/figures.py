@@ -16,10 +16,47 @@ from pathlib import Path
 import pandas as pd
 
 from mdlgrok import mdl, plots
+from mdlgrok.summary import complexity_summary, first_epoch, final
 from mdlgrok.tasks import TaskConfig, make_dataset
 
 EPS_MAIN = 0.5  # the paper's headline tolerance
 CONFIG_COLUMNS = ["task", "p", "frac", "preset", "attention", "layers", "wd", "gamma", "sigma", "seed", "epochs"]
+SETTING_COLUMNS = ["preset", "attention", "wd", "gamma", "sigma"]  # what an experiment compares
+GROKKED = 0.95  # test accuracy that counts as grokked
+
+
+def with_setting(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with a `setting` column naming the compared fields that vary across its runs
+    (e.g. "ours, softmax" or "gamma=0.03"), the hue of every figure; "all" when none varies."""
+    varying = [c for c in SETTING_COLUMNS if c in table and table[c].nunique() > 1]
+    if "preset" in varying:  # weights a preset implies are named by it, unless they vary within one
+        varying = [c for c in varying if c in ("preset", "attention") or table.groupby("preset")[c].nunique().max() > 1]
+    named = {"preset", "attention"}
+
+    def label(r) -> str:
+        return ", ".join(str(r[c]) if c in named else f"{c}={r[c]:g}" for c in varying) or "all"
+
+    runs = table.drop_duplicates("run_id").set_index("run_id")
+    return table.assign(setting=table.run_id.map(runs.apply(label, axis=1) if len(runs) else {}))
+
+
+def run_summary(table: pd.DataFrame, eps: float = EPS_MAIN) -> pd.DataFrame:
+    """One row per run: its config and setting, grokking epoch, final test accuracy, and peak,
+    final and naive complexity at eps with the total description length at the end."""
+    table = with_setting(table)
+    desc = description_table(table, eps).set_index("run_id") if (table.metric == "complexity_bits").any() else None
+    rows = []
+    for run_id, g in table.groupby("run_id"):
+        first = g.iloc[0]
+        row = {"run_id": run_id, "setting": first.setting, **{c: first[c] for c in CONFIG_COLUMNS if c in first},
+               "grokking_epoch": first_epoch(g, "test_acc", GROKKED), "final_test_acc": final(g, "test_acc")}
+        row["grokking_epoch"] = math.nan if row["grokking_epoch"] is None else row["grokking_epoch"]  # never
+        comp = complexity_summary(g, eps) or {}
+        row.update({k: comp.get(k, math.nan) for k in ("peak_bytes", "peak_epoch", "final_bytes", "peak_over_final",
+                                                      "naive_over_final")})
+        row["total_bits"] = desc.total_bits.get(run_id, math.nan) if desc is not None else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def final_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -68,7 +105,8 @@ def draw_experiment(folder: Path) -> list[Path]:
     table = pd.read_parquet(folder / "table.parquet")
     _write_configs(folder, table)
     out: list[Path] = []
-    hue = next((c for c in ("attention", "preset", "gamma") if c in table and table[c].nunique() > 1), None)
+    table = with_setting(table)
+    hue = "setting" if table.setting.nunique() > 1 else None
     for task, sub in table.groupby("task"):
         out += plots.rise_and_fall(sub, folder / f"rise_and_fall_{task}", eps=EPS_MAIN, hue=hue,
                                    title=f"{folder.name}: {task}")
@@ -79,6 +117,10 @@ def draw_experiment(folder: Path) -> list[Path]:
         if len(desc):
             desc.to_csv(folder / "description_lengths.csv", index=False)
             out.append(folder / "description_lengths.csv")
+    summary = run_summary(table)
+    summary.to_csv(folder / "summary.csv", index=False)
+    out.append(folder / "summary.csv")
+    out += plots.settings_summary(summary, folder / "summary")
     return out
 
 

@@ -75,3 +75,20 @@ def estimator_comparison(bench: pd.DataFrame, path: str | Path) -> list[Path]:
                        order=sorted(bench.eps.unique(), reverse=True))
     grid.set(yscale="log")
     return save(grid.figure, path)
+
+
+def settings_summary(summary: pd.DataFrame, path: str | Path) -> list[Path]:
+    """Per setting and task, points per seed: final complexity, grokking epoch, final test
+    accuracy and total description length at the end of training (figures.run_summary)."""
+    sns.set_theme(style="whitegrid", context="paper")
+    panels = [("final_bytes", "final complexity (B)"), ("grokking_epoch", "grokking epoch (test acc >= 0.95)"),
+              ("final_test_acc", "final test accuracy"), ("total_bits", "model + data bits at the end")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    order = sorted(summary.setting.unique())
+    for ax, (col, label) in zip(axes, panels):
+        data = summary.dropna(subset=[col])
+        if len(data):
+            sns.stripplot(data, x="setting", y=col, hue="task", order=order, dodge=False, ax=ax)
+        ax.set(xlabel="", ylabel=label)
+        ax.tick_params(axis="x", rotation=45)
+    return save(fig, path)

@@ -7,7 +7,7 @@ import pytest
 
 from mdlgrok import mdl
 from mdlgrok.cli import main
-from mdlgrok.figures import description_table, draw_all, n_train
+from mdlgrok.figures import description_table, draw_all, n_train, run_summary, with_setting
 from mdlgrok.sweep import run_sweep
 
 TINY = {"name": "tiny", "measure": True,
@@ -29,7 +29,7 @@ def test_figures_drawn_from_table(results):
     files = draw_all(results.parent)
     names = {f.name for f in files}
     assert {"rise_and_fall_add.png", "rise_and_fall_add.pdf", "final_complexity_vs_eps.png",
-            "description_lengths.csv"} <= names
+            "description_lengths.csv", "summary.csv", "summary.png"} <= names
     assert all(f.stat().st_size > 0 for f in files)
     assert (results / "figure_configs.json").exists()
 
@@ -44,6 +44,32 @@ def test_description_table_matches_mdl(results):
         assert r.total_bits == pytest.approx(r.model_bits + r.data_bits)
         assert r.occam == pytest.approx(mdl.occam_bound(r.coarse_train_err, r.model_bits, n))
         assert r.truth_table_bits == pytest.approx(49 * math.log2(7))
+
+
+def test_run_summary_names_settings_and_matches_the_runs(results):
+    table = pd.read_parquet(results / "table.parquet")
+    summary = run_summary(table)
+    assert sorted(summary.setting) == ["none", "ours"]  # the weights the presets imply are not repeated
+    desc = description_table(table).set_index("run_id")
+    for _, r in summary.iterrows():
+        runs = table[table.run_id == r.run_id]
+        comp = runs[(runs.metric == "complexity_bits") & (runs.eps == 0.5)].sort_values("epoch")
+        assert r.final_bytes == comp.value.iloc[-1] / 8 and r.peak_bytes == comp.value.max() / 8
+        assert r.total_bits == desc.total_bits[r.run_id]
+        test = runs[runs.metric == "test_acc"].sort_values("epoch")
+        assert r.final_test_acc == test.value.iloc[-1]
+        hit = test[test.value >= 0.95]
+        assert (r.grokking_epoch == hit.epoch.iloc[0]) if len(hit) else math.isnan(r.grokking_epoch)
+
+
+def test_settings_name_what_varies():
+    rows = [{"run_id": f"r{g}", "preset": "ours", "attention": "paper", "wd": 1.0, "gamma": g, "sigma": 0.01}
+            for g in (0.0, 0.03)]
+    assert sorted(with_setting(pd.DataFrame(rows)).setting) == ["gamma=0", "gamma=0.03"]
+    rows += [{"run_id": "n", "preset": "none", "attention": "softmax", "wd": 0.0, "gamma": 0.0, "sigma": 0.0}]
+    assert sorted(with_setting(pd.DataFrame(rows)).setting) == ["none, softmax, gamma=0", "ours, paper, gamma=0",
+                                                                "ours, paper, gamma=0.03"]
+    assert set(with_setting(pd.DataFrame(rows[:1])).setting) == {"all"}
 
 
 def test_figures_cli_without_tables_fails_cleanly(tmp_path, capsys):
