@@ -273,6 +273,18 @@ class StackedTrainer:
         self.epoch += 1
         return total
 
+    def mark_failures(self, epoch_losses: torch.Tensor) -> list[int]:
+        """Mark the models whose epoch loss is NaN or infinite as failed (frozen from now on);
+        returns the ones newly failed."""
+        new = []
+        for i, value in enumerate(epoch_losses.tolist()):
+            ms = self.models_state[i]
+            if not ms.failed and not math.isfinite(value):
+                ms.failed = f"loss became {value} at epoch {self.epoch}"
+                self.active[i] = False
+                new.append(i)
+        return new
+
     # ----- models and metrics ---------------------------------------------------------------
     @torch.no_grad()
     def model(self, i: int) -> torch.nn.Module:
@@ -369,12 +381,7 @@ def train_stacked(configs: list[TrainConfig], epochs: int | None = None, run_ids
     epochs = st.configs[0].epochs if epochs is None else epochs
     schedule = [e for e in log_epochs(epochs) if e > st.epoch]
     while st.epoch < epochs:
-        total = st.train_epoch()
-        for i, value in enumerate(total.tolist()):
-            ms = st.models_state[i]
-            if not ms.failed and not math.isfinite(value):
-                ms.failed = f"loss became {value} at epoch {st.epoch}"
-                st.active[i] = False
+        st.mark_failures(st.train_epoch())
         if schedule and st.epoch == schedule[0]:
             schedule.pop(0)
             st.record()
@@ -408,13 +415,8 @@ def train_runs(configs: list[TrainConfig], paths: list[str], device: str | torch
     schedule = [e for e in log_epochs(epochs) if e > st.epoch]
     start = time.perf_counter()
     while st.epoch < epochs and bool(st.active.any()):
-        total = st.train_epoch()
-        for i, value in enumerate(total.tolist()):
-            ms = st.models_state[i]
-            if not ms.failed and not math.isfinite(value):
-                ms.failed = f"loss became {value} at epoch {st.epoch}"
-                st.active[i] = False
-                runs[i].set_status("failed", reason=ms.failed, epoch=st.epoch)
+        for i in st.mark_failures(st.train_epoch()):
+            runs[i].set_status("failed", reason=st.models_state[i].failed, epoch=st.epoch)
         if schedule and st.epoch == schedule[0]:
             schedule.pop(0)
             st.record()
