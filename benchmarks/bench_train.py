@@ -4,6 +4,8 @@
 
 Reference: the paper's own JAX code, run on 2 CPU cores, takes 25 ms per step without
 regularizers and 83 ms with "ours" (DESIGN.md sec. 2); the ratios below are against those.
+Where torch sees a GPU, one model is also timed there (a stack of one, mdlgrok.stacked, the
+GPU training path) against the CPU step measured in the same run.
 """
 
 from __future__ import annotations
@@ -50,9 +52,18 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 512, 1-block transformer p=113")
     print(f"{'preset':8} {'ms/step':>8} {'steps/s':>8} {'paper ms':>9} {'speed-up':>9}")
+    cpu = {}
     for preset in ("none", "ours"):
-        ms = ms_per_step(preset, args.steps)
+        ms = cpu[preset] = ms_per_step(preset, args.steps)
         print(f"{preset:8} {ms:8.1f} {1000 / ms:8.1f} {PAPER_MS[preset]:9.1f} {PAPER_MS[preset] / ms:8.2f}x")
+    if torch.cuda.is_available():
+        from bench_stacked import ms_per_stacked_step
+
+        print(f"GPU {torch.cuda.get_device_name()}: one model as a stack of one")
+        print(f"{'preset':8} {'ms/step':>8} {'steps/s':>8} {'vs CPU':>9}")
+        for preset in ("none", "ours"):
+            ms = ms_per_stacked_step(1, preset, args.steps, torch.device("cuda"))
+            print(f"{preset:8} {ms:8.1f} {1000 / ms:8.1f} {cpu[preset] / ms:8.2f}x")
 
 
 if __name__ == "__main__":
