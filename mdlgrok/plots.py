@@ -81,14 +81,15 @@ def settings_summary(summary: pd.DataFrame, path: str | Path) -> list[Path]:
     """Per setting and task, points per seed: final complexity, grokking epoch, final test
     accuracy and total description length at the end of training (figures.run_summary)."""
     sns.set_theme(style="whitegrid", context="paper")
-    panels = [("final_bytes", "final complexity (B)"), ("grokking_epoch", "grokking epoch (test acc >= 0.95)"),
-              ("final_test_acc", "final test accuracy"), ("total_bits", "model + data bits at the end")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    panels = [("final_bytes", "final complexity (B)"), ("grokking_epoch", "grokking epoch"),
+              ("final_test_acc", "final test accuracy"), ("total_bits", "model + data bits, end")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     order = sorted(summary.setting.unique())
-    for ax, (col, label) in zip(axes, panels):
+    for i, (ax, (col, label)) in enumerate(zip(axes, panels)):
         data = summary.dropna(subset=[col])
         if len(data):
-            sns.stripplot(data, x="setting", y=col, hue="task", order=order, dodge=False, ax=ax)
+            sns.stripplot(data, x="setting", y=col, hue="task", order=order, dodge=False, legend=i == 0, ax=ax)
         ax.set(xlabel="", ylabel=label)
         ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
     return save(fig, path)
