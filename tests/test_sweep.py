@@ -95,7 +95,7 @@ def test_unknown_length_is_rejected():
 
 
 def test_experiment_files_expand():
-    counts = {"rise_and_fall": 12, "four_tasks": 12, "regularizers": 21, "attention": 24}
+    counts = {"rise_and_fall": 12, "four_tasks": 12, "regularizers": 9, "gamma": 15, "attention": 24}
     files = sorted(EXPERIMENTS.glob("*.toml"))
     assert {f.stem for f in files} >= set(counts)
     for f in files:
@@ -106,6 +106,10 @@ def test_experiment_files_expand():
             assert len(cpu) == counts[f.stem], f
         assert {c.epochs for c in cpu} == {600} and {c.epochs for c in paper} == {10_000}
         assert all(c.measure and c.p == 113 and c.eps == PAPER_EPS for c in cpu), f
+    # the runs other experiments link from rise_and_fall have its keys (the same resolved configs)
+    keys = {name: {run_key(c) for c in expand(EXPERIMENTS / f"{name}.toml")} for name in counts}
+    assert len(keys["regularizers"] & keys["rise_and_fall"]) == 6 and len(keys["gamma"] & keys["rise_and_fall"]) == 3
+    assert len(keys["attention"] & keys["rise_and_fall"]) == 12 and len(keys["four_tasks"] & keys["rise_and_fall"]) == 6
     four = expand(EXPERIMENTS / "four_tasks.toml")
     assert {(c.task, c.layers, c.frac, c.sigma) for c in four} == {
         ("add", 1, 0.2, 1e-2), ("sub", 2, 0.3, 1e-3), ("mul", 1, 0.2, 1e-2), ("div", 2, 0.3, 1e-3)}
