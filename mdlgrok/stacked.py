@@ -30,15 +30,12 @@ from torch.nn import functional as F
 
 from mdlgrok.models import build_model
 from mdlgrok.regularizers import singular_values, spectral_entropy
-from mdlgrok.results import (RunDir, environment, load_checkpoint, row, rows_to_frame, save_checkpoint, write_json,
-                             write_table)
+from mdlgrok.results import RunDir, environment, row, rows_to_frame, save_checkpoint, write_json, write_table
 from mdlgrok.tasks import epoch_batches, make_dataset, paper_batch_size
-from mdlgrok.train import LOG_PROB_FLOOR, TrainConfig, check_resumable, log_epochs
+from mdlgrok.train import LOG_PROB_FLOOR, TrainConfig, log_epochs, resume_point
 
 # Fields that must agree for models to share one stacked step: the architecture and the data
 # shapes (split sizes, batch sizes, number of steps). Everything else is per model.
-METRIC_ORDER = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "spectral_entropy",
-                "effective_rank")  # train.model_metrics, in its order
 SHARED_FIELDS = ("task", "p", "frac", "model", "layers", "attention", "pos_rows", "batch", "epochs")
 
 
@@ -313,8 +310,8 @@ class StackedTrainer:
         mats = [w.reshape(w.shape[0], w.shape[1], -1) for w in self.params.values() if w.ndim >= 3]
         mats = [torch.where(w.isfinite(), w, 0.0) for w in mats]  # a failed model's rows are not recorded
         out["effective_rank"] = torch.stack([spectral_entropy(torch.linalg.svdvals(w)).exp() for w in mats], 1).mean(1)
-        values = {k: v.tolist() for k, v in out.items()}
-        return [{k: float(values[k][i]) for k in METRIC_ORDER} for i in range(self.n)]
+        values = {k: v.tolist() for k, v in out.items()}  # in train.model_metrics' order
+        return [{k: float(v[i]) for k, v in values.items()} for i in range(self.n)]
 
     def record(self) -> None:
         """Append the metric rows of every model that has not failed, as Trainer.record."""
@@ -399,13 +396,10 @@ def train_runs(configs: list[TrainConfig], paths: list[str], device: str | torch
     runs = [RunDir(p) for p in paths]
     st = StackedTrainer(configs, [r.run_id for r in runs], device, exact_noise)
     for i, (cfg, run) in enumerate(zip(configs, runs)):
-        if run.config.exists():
-            check_resumable(TrainConfig.from_dict(json.loads(run.config.read_text())), cfg, run)
-        checkpoints = run.checkpoints()
-        if checkpoints:
-            st.load_state(i, load_checkpoint(checkpoints[-1]))
-            kept = run.read_metrics()
-            st.rows[i] = kept[kept.epoch <= st.epoch].to_dict("records")
+        ckpt, rows = resume_point(cfg, run)
+        if ckpt is not None:
+            st.load_state(i, ckpt)
+            st.rows[i] = rows
         elif st.epoch:
             raise ValueError(f"{run.path} has no checkpoint but the stack resumes from epoch {st.epoch}")
         write_json(run.config, cfg.to_dict())

@@ -229,21 +229,31 @@ def start_run(cfg: TrainConfig, run: RunDir, resume: bool) -> Trainer:
     """A fresh trainer, or one restored from the run's last checkpoint."""
     if run.exists() and not resume:
         raise RunExistsError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and run.config.exists():
+    ckpt, rows = resume_point(cfg, run) if resume else (None, [])
+    trainer = Trainer(cfg, run)
+    if ckpt is not None:
+        trainer.load_state(ckpt)
+        trainer.rows = rows
+    write_json(run.config, cfg.to_dict())
+    write_json(run.env, environment())
+    return trainer
+
+
+def resume_point(cfg: TrainConfig, run: RunDir) -> tuple[dict | None, list[dict]]:
+    """What resuming `run` with `cfg` starts from: its last checkpoint (None: nothing to resume)
+    and the metric rows recorded up to it. Refuses a folder started with another config."""
+    if run.config.exists():
         try:
             saved = TrainConfig.from_dict(json.loads(run.config.read_text()))
         except (ValueError, TypeError, AttributeError) as exc:  # truncated, not JSON, or not a config
             raise ValueError(f"--resume: cannot read {run.config} ({exc})") from None
         check_resumable(saved, cfg, run)
-    trainer = Trainer(cfg, run)
-    checkpoints = run.checkpoints() if resume else []
-    if checkpoints:
-        trainer.load_state(load_checkpoint(checkpoints[-1]))
-        kept = run.read_metrics()
-        trainer.rows = kept[kept.epoch <= trainer.epoch].to_dict("records")
-    write_json(run.config, cfg.to_dict())
-    write_json(run.env, environment())
-    return trainer
+    checkpoints = run.checkpoints()
+    if not checkpoints:
+        return None, []
+    ckpt = load_checkpoint(checkpoints[-1])
+    kept = run.read_metrics()
+    return ckpt, kept[kept.epoch <= int(ckpt["epoch"])].to_dict("records")
 
 
 def check_resumable(saved: TrainConfig, cfg: TrainConfig, run: RunDir) -> None:
