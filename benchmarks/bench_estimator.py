@@ -19,7 +19,7 @@ import pandas as pd
 
 from mdlgrok.complexity import PAPER_EPS, estimate
 from mdlgrok.measure import closures, model_from_checkpoint
-from mdlgrok.results import RunDir, write_table
+from mdlgrok.results import RunDir, checkpoint_epoch, write_table
 
 PAPER_CODE_SECONDS = 333.0
 
@@ -48,7 +48,7 @@ def main() -> int:
     ap.add_argument("--out", help="also write the table here (parquet)")
     args = ap.parse_args()
     run = RunDir(args.run)
-    ckpts = {int(p.stem.split("_")[1]): p for p in run.checkpoints()}
+    ckpts = {checkpoint_epoch(p): p for p in run.checkpoints()}
     if not ckpts:
         print(f"bench_estimator: {args.run} holds no checkpoints (run `make demo` first)", file=sys.stderr)
         return 2

@@ -89,6 +89,11 @@ def environment() -> dict:
             "lzma": lzma.__name__, "git_commit": commit, "threads": torch.get_num_threads()}
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch in a checkpoint's file name (RunDir.checkpoint_path)."""
+    return int(path.stem.split("_")[1])
+
+
 class RunDir:
     """Paths and state of one run folder."""
 
@@ -119,6 +124,11 @@ class RunDir:
     def checkpoints(self) -> list[Path]:
         """Checkpoint files, oldest first."""
         return sorted(self.ckpt_dir.glob("epoch_*.pt")) if self.ckpt_dir.exists() else []
+
+    def last_checkpoint_epoch(self) -> int:
+        """The epoch of the newest checkpoint, 0 when there is none (where a resume starts)."""
+        checkpoints = self.checkpoints()
+        return checkpoint_epoch(checkpoints[-1]) if checkpoints else 0
 
     def read_metrics(self) -> pd.DataFrame:
         if not self.metrics.exists():

@@ -58,7 +58,7 @@ from typing import Any
 
 import pandas as pd
 
-from mdlgrok.results import COLUMNS, METRICS_FILE, RunDir, write_table
+from mdlgrok.results import COLUMNS, METRICS_FILE, RunDir, checkpoint_epoch, write_table
 from mdlgrok.train import TrainConfig, TrainingFailed
 
 try:
@@ -362,9 +362,8 @@ def run_one(cfg_dict: dict, path: str, threads: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    checkpoints = RunDir(path).checkpoints()
     outcome = {"key": Path(path).name, "path": path, "threads": torch.get_num_threads(),
-               "resumed_from": int(checkpoints[-1].stem.split("_")[1]) if checkpoints else 0}
+               "resumed_from": RunDir(path).last_checkpoint_epoch()}
     try:
         cfg = TrainConfig.from_dict(cfg_dict)
         measure_fn = None
@@ -394,16 +393,15 @@ def run_stack(cfg_dicts: list[dict], paths: list[str], device: str = "cpu", thre
         torch.set_num_threads(threads)
     start = time.perf_counter()
     base = {"threads": torch.get_num_threads(), "stacked": len(paths), "device": device}
-    resumed = [RunDir(p).checkpoints() for p in paths]
+    resumed = [RunDir(p).last_checkpoint_epoch() for p in paths]
     try:
         results = train_runs([TrainConfig.from_dict(d) for d in cfg_dicts], paths, device)
         outcomes = [{"key": Path(r["path"]).name, **base, **r} for r in results]
     except Exception as exc:  # a bug or a bad stack: every run of it is reported, the other stacks go on
         error = {"state": "error", "reason": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         outcomes = [{"key": Path(p).name, "path": p, **base, **error} for p in paths]
-    for o, ckpts in zip(outcomes, resumed):
-        o.update(seconds=time.perf_counter() - start,
-                 resumed_from=int(ckpts[-1].stem.split("_")[1]) if ckpts else 0)
+    for o, epoch in zip(outcomes, resumed):
+        o.update(seconds=time.perf_counter() - start, resumed_from=epoch)
     return outcomes
 
 
@@ -520,9 +518,8 @@ def stack_groups(runs: list[PlannedRun], size: int) -> list[list[PlannedRun]]:
         raise ValueError(f"--stack-size must be at least 1, got {size}")
     groups: dict[tuple, list[PlannedRun]] = {}
     for r in runs:
-        ckpts = RunDir(r.path).checkpoints()
-        start = int(ckpts[-1].stem.split("_")[1]) if ckpts else 0
-        groups.setdefault((*(getattr(r.cfg, f) for f in SHARED_FIELDS), start), []).append(r)
+        key = (*(getattr(r.cfg, f) for f in SHARED_FIELDS), RunDir(r.path).last_checkpoint_epoch())
+        groups.setdefault(key, []).append(r)
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
@@ -580,9 +577,8 @@ def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, le
     new = [r for r in todo if r.cfg.measure and RunDir(r.path).read_status().get("state") == "complete"]
     if not new:
         return table
-    tasks = [(r.key, p, (p, tuple(r.cfg.eps), "mdlgrok")) for r in new for p in [_job_path(r.path, executor)]]
-    measured = _run_and_gather(measure_one, tasks, f"mdlgrok-measure-{exp.name}", [], say, runs, exp, root,
-                               jobs, threads, executor, slurm)
+    measured = _run_and_gather(measure_one, _measure_tasks(new, "mdlgrok", executor), f"mdlgrok-measure-{exp.name}",
+                               [], say, runs, exp, root, jobs, threads, executor, slurm)
     errors = [o for o in measured.attrs["outcomes"] if o["state"] == "error"]
     measured.attrs["outcomes"] = table.attrs["outcomes"] + errors  # one outcome per run, plus measuring errors
     return measured
@@ -591,7 +587,7 @@ def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, le
 def measured(run: PlannedRun, mode: str = "mdlgrok") -> bool:
     """Whether the run's metrics hold a complexity_bits row of this estimator for every checkpoint and eps."""
     rd = RunDir(run.path)
-    epochs = {int(c.stem.split("_")[1]) for c in rd.checkpoints()}
+    epochs = {checkpoint_epoch(c) for c in rd.checkpoints()}
     m = rd.read_metrics()
     m = m[(m.metric == "complexity_bits") & (m.estimator == mode)]
     have = set(zip(m.epoch.astype(int), m.eps.astype(float)))
@@ -628,9 +624,13 @@ def measure_sweep(experiment, root: str | Path = "runs", jobs: int | None = None
             outcomes.append({"key": r.key, "path": str(r.path), "state": "skipped", "was": r.state})
         elif r.key not in chosen:
             outcomes.append({"key": r.key, "path": str(r.path), "state": "skipped", "was": "measured"})
-    tasks = [(r.key, p, (p, tuple(r.cfg.eps), mode)) for r in todo for p in [_job_path(r.path, executor)]]
-    return _run_and_gather(measure_one, tasks, f"mdlgrok-measure-{exp.name}", outcomes, say, runs, exp, root,
+    return _run_and_gather(measure_one, _measure_tasks(todo, mode, executor), f"mdlgrok-measure-{exp.name}", outcomes, say, runs, exp, root,
                            jobs, threads, executor, slurm)
+
+
+def _measure_tasks(runs: list[PlannedRun], mode: str, executor: str) -> list[tuple[str, str, tuple]]:
+    """measure_one tasks (key, path, args) for runs, every eps of each run's config."""
+    return [(r.key, p, (p, tuple(r.cfg.eps), mode)) for r in runs for p in [_job_path(r.path, executor)]]
 
 
 def _run_and_gather(fn, tasks, job_name, outcomes, say, runs, exp, root, jobs, threads, executor, slurm):
