@@ -43,7 +43,7 @@ def with_setting(table: pd.DataFrame) -> pd.DataFrame:
 def run_summary(table: pd.DataFrame, eps: float = EPS_MAIN) -> pd.DataFrame:
     """One row per run: its config and setting, grokking epoch, final test accuracy, and peak,
     final and naive complexity at eps with the total description length at the end."""
-    table = with_setting(table)
+    table = table if "setting" in table else with_setting(table)
     desc = description_table(table, eps).set_index("run_id") if (table.metric == "complexity_bits").any() else None
     rows = []
     for run_id, g in table.groupby("run_id"):

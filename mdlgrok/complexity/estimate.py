@@ -57,7 +57,7 @@ def choices_of(entries: list[Entry]) -> list[dict]:
     """Per entry: name, kind, rank, bin widths, and rows: how many rows are coded where the loss
     reads only some (the others decode to zero), else None."""
     return [{"name": e.name, "kind": e.kind, "rank": e.rank, "bins": [bin_width(j) for j in e.bins],
-             "rows": len(e.rows) if e.rows and e.kind in ("dense", "lowrank") else None} for e in entries]
+             "rows": len(e.rows) or None} for e in entries]
 
 
 def check_eps(eps) -> list[float]:

@@ -171,8 +171,10 @@ def _read_header(r: Reader) -> list[Entry]:
 
 def _read_rows(r: Reader, shape: tuple[int, ...]) -> tuple[int, ...]:
     count = r.varint()
-    rows = np.cumsum([r.varint() + 1 for _ in range(count)]) - 1 if count else np.zeros(0, dtype=np.int64)
-    if not shape or count == 0 or rows[-1] >= shape[0]:
+    if not shape or count == 0:
+        raise ValueError("payload is corrupt (row list)")
+    rows = np.cumsum([r.varint() + 1 for _ in range(count)]) - 1
+    if rows[-1] >= shape[0]:
         raise ValueError("payload is corrupt (row list)")
     return tuple(int(i) for i in rows)
 

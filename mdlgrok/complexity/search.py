@@ -179,8 +179,8 @@ def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Gener
     for _ in range(4):
         z = direction * r * rms
         norm2 = float((z**2).sum())
-        plus = oracle({t.name: _as_tensor(t, t.w + z)})
-        minus = oracle({t.name: _as_tensor(t, t.w - z)})
+        plus = oracle({t.name: t.full(t.w + z)})
+        minus = oracle({t.name: t.full(t.w - z)})
         curv = (plus + minus) / 2 - base
         if not math.isfinite(curv):
             r /= 10
@@ -190,9 +190,6 @@ def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Gener
         r = float(np.clip(r * math.sqrt(PROBE_TARGET / max(curv, 1e-9)), r / 30, min(r * 30, 10.0)))
     return max(curv, 0.0) / norm2 if math.isfinite(curv) else 1e6 / norm2
 
-
-def _as_tensor(t: Target, flat: np.ndarray) -> torch.Tensor:
-    return t.full(flat)
 
 
 class Search:
