@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, lowrank_entry, paper_rank, quantize,
-                                       rank_for_tau, raw_entry, targets_of)
+from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, gptq_codes, lowrank_entry, paper_rank,
+                                       quantize, rank_for_tau, raw_entry, targets_of)
 from mdlgrok.complexity.payload import bin_width, entry_tensor, matrix_shape
 
 FAST = settings(max_examples=80, deadline=None)
@@ -145,3 +145,76 @@ def test_targets_alias_tied_tensors_and_keep_non_floats_raw():
     assert raw_entry(ts[2]).kind == "alias" and raw_entry(ts[2]).alias == 0
     assert raw_entry(ts[1]).kind == "raw"
 
+
+
+# ---------------------------------------------------------------- data-aware rounding (GPTQ) and factors
+def correlated_moment(n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(400, 3)) @ rng.normal(size=(3, n)) + 0.05 * rng.normal(size=(400, n))
+    h = x.T @ x / len(x)
+    return h / (np.trace(h) / n)
+
+
+def upper_cholesky_of_inverse(h):
+    return np.linalg.cholesky(np.linalg.inv(h)).T
+
+
+def test_gptq_with_identity_moments_is_plain_rounding():
+    w = np.random.default_rng(1).normal(size=(6, 9))
+    codes = gptq_codes(w, [-8, -16], np.eye(9))
+    for c, j in zip(codes, [-8, -16]):
+        assert np.array_equal(c, quantize(w, j))
+
+
+@FAST
+@given(st.integers(0, 10_000), st.integers(-24, 0))
+def test_gptq_error_in_the_h_norm_is_below_plain_rounding(seed, j):
+    h = correlated_moment(12, seed)
+    w = np.random.default_rng(seed + 1).normal(size=(8, 12))
+    (codes,) = gptq_codes(w, [j], upper_cholesky_of_inverse(h))
+    def h_err(c):
+        d = c * bin_width(j) - w
+        return float(((d @ h) * d).sum())
+    assert h_err(codes) <= h_err(quantize(w, j)) * 1.000001 + 1e-12
+
+
+def test_gptq_rows_are_independent_and_blocks_do_not_matter():
+    h = correlated_moment(40)
+    u = upper_cholesky_of_inverse(h)
+    w = np.random.default_rng(2).normal(size=(7, 40))
+    full = gptq_codes(w, [-10, -3], u)
+    assert np.array_equal(gptq_codes(w[:3], [-10, -3], u), full[:, :3])
+    assert np.array_equal(gptq_codes(w, [-10, -3], u, block=7), full)
+
+
+def test_whitened_factors_rebuild_the_matrix_at_full_rank():
+    h = correlated_moment(6)
+    t = targets_of({"w": torch.randn(9, 6, dtype=torch.float64)}, moments={"w": h})[0]
+    assert t.h is not None
+    a, b = factors(t, 6)
+    np.testing.assert_allclose(a @ b, t.w.reshape(9, 6), atol=1e-9)
+    # the rank-k truncation is the best in the H-norm: its error is the whitened tail
+    _, s, _, _, _ = t.whitened()
+    a, b = factors(t, 2)
+    d = a @ b - t.w.reshape(9, 6)
+    assert np.isclose(((d @ h) * d).sum(), (s[2:] ** 2).sum())
+
+
+def test_moments_attach_only_to_matching_matrices():
+    state = {"w": torch.randn(4, 3), "v": torch.randn(3), "u": torch.randn(4, 5)}
+    h3 = np.eye(3)
+    targets = targets_of(state, moments={"w": h3, "v": h3, "u": h3})
+    assert [t.h is not None for t in targets] == [True, False, False]
+
+
+def test_entries_of_a_data_aware_target_decode_to_its_codes():
+    h = correlated_moment(10)
+    t = targets_of({"w": torch.randn(8, 10)}, moments={"w": h})[0]
+    dense = dense_entry(t, -12)
+    assert np.array_equal(dense.codes[0], gptq_codes(t.w.reshape(8, 10), [-12], t.whitened()[4])[0].ravel())
+    np.testing.assert_allclose(entry_tensor(dense).double().numpy(), dense.codes[0].reshape(8, 10) * bin_width(-12),
+                               rtol=1e-6)
+    low = lowrank_entry(t, 3, -12)
+    a, b = factors(t, 3)
+    assert np.array_equal(low.codes[0], quantize(a, -12).ravel())
+    assert np.array_equal(low.codes[1], gptq_codes(b, [-12], t.whitened()[4])[0].ravel())

@@ -4,6 +4,7 @@ mdlgrok's own decoder, into weights whose loss (the caller's closure) meets the 
 import bz2
 import copy
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -173,6 +174,31 @@ def test_quantization_alone_baseline_never_uses_low_rank(trained):
     results = estimate(model, loss_fn, eps, lowrank=False)
     check_honest(model, loss_fn, results, eps)
     assert all(c["kind"] != "lowrank" for r in results for c in r.choices)
+
+
+@pytest.mark.parametrize("data_aware", [True, False])
+def test_data_aware_and_plain_norms_are_both_honest(trained, data_aware):
+    model, _, loss_fn, _, _ = trained
+    eps = [0.125, 1.0]
+    check_honest(model, loss_fn, estimate(model, loss_fn, eps, data_aware=data_aware), eps)
+
+
+def test_data_aware_search_reads_moments_of_the_linear_layers(trained, monkeypatch):
+    estimate_module = sys.modules["mdlgrok.complexity.estimate"]  # the package exports the function of that name
+    seen = {}
+    real = estimate_module.targets_of
+
+    def spy(state, rows=None, moments=None):
+        seen["moments"] = moments
+        return real(state, rows, moments)
+
+    monkeypatch.setattr(estimate_module, "targets_of", spy)
+    model, _, loss_fn, _, _ = trained
+    estimate(model, loss_fn, [1.0])
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(seen["moments"]) == linear - {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight"}  # q, k unused
+    estimate(model, loss_fn, [1.0], data_aware=False)
+    assert seen["moments"] == {}
 
 
 def test_naive_bits_is_bzip2_of_float32_bytes_per_parameter():

@@ -1,5 +1,10 @@
 """Coarse-graining of a state dict: truncated SVD and quantization to integer codes.
 
+Where the loss applies a matrix as a linear map with inputs of second moment H (see
+``moments``), its errors count in the H-norm tr(dW H dW^T): it is truncated by the SVD of
+W H^(1/2) (the data-aware SVD) and rounded with error feedback along its input columns (GPTQ,
+Frantar et al. 2023), so that rounding errors fall where the inputs barely reach.
+
 Rank convention (mdlgrok): for singular values s_1 >= s_2 >= ..., the rank kept at
 fraction tau is the smallest k with s_1 + ... + s_k >= tau * sum(s) (k = 0 at tau = 0).
 The paper's code keeps one fewer (``paper_rank``).
@@ -24,8 +29,10 @@ class Target:
     tensor: torch.Tensor  # the original, on CPU
     alias: int = -1  # index of an earlier entry sharing this storage
     rows: tuple[int, ...] = ()  # the only rows the loss reads (empty: all); the others decode to zero
+    h: np.ndarray | None = field(default=None, repr=False)  # input second moment (n x n, mean diagonal 1)
     w: np.ndarray = field(init=False, repr=False)  # float64 flat copy of the coded rows (floating tensors)
     _svd: tuple | None = field(default=None, init=False, repr=False)
+    _white: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.w = self.coded().detach().double().numpy().reshape(-1) if self.quantizable else np.zeros(0)
@@ -65,15 +72,27 @@ class Target:
             self._svd = np.linalg.svd(self.w.reshape(matrix_shape(self.coded_shape)), full_matrices=False)
         return self._svd
 
+    def whitened(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(U, s, Vt) of W H^(1/2), H^(-1/2), and the upper Cholesky factor of H^-1 (for GPTQ)."""
+        if self._white is None:
+            ev, q = np.linalg.eigh(self.h)
+            root, inv_root = (q * np.sqrt(ev)) @ q.T, (q / np.sqrt(ev)) @ q.T
+            w = self.w.reshape(matrix_shape(self.coded_shape))
+            self._white = (*np.linalg.svd(w @ root, full_matrices=False), inv_root,
+                           np.linalg.cholesky(inv_root @ inv_root).T)
+        return self._white
+
     def max_lowrank(self) -> int:
         """Largest rank whose factors are cheaper than the matrix: k (m + n) < m n."""
         m, n = matrix_shape(self.coded_shape)
         return (m * n - 1) // (m + n)
 
 
-def targets_of(state: dict[str, torch.Tensor], rows: dict[str, tuple[int, ...]] | None = None) -> list[Target]:
+def targets_of(state: dict[str, torch.Tensor], rows: dict[str, tuple[int, ...]] | None = None,
+               moments: dict[str, np.ndarray] | None = None) -> list[Target]:
     """Targets of a state dict; entries sharing storage (tied weights) become aliases. rows[name]:
-    the only rows of that tensor the loss reads (see estimate.read_rows)."""
+    the only rows of that tensor the loss reads (see estimate.read_rows); moments[name]: the
+    second moment of its inputs (see moments.input_moments)."""
     seen: dict[tuple, int] = {}
     out = []
     for i, (name, t) in enumerate(state.items()):
@@ -82,7 +101,11 @@ def targets_of(state: dict[str, torch.Tensor], rows: dict[str, tuple[int, ...]] 
         alias = seen.get(key, -1) if key else -1
         if key and alias < 0:
             seen[key] = i
-        out.append(Target(i, name, t.cpu(), alias, rows=(rows or {}).get(name, ()) if alias < 0 else ()))
+        target = Target(i, name, t.cpu(), alias, rows=(rows or {}).get(name, ()) if alias < 0 else ())
+        h = (moments or {}).get(name)
+        if h is not None and target.is_matrix and t.ndim == 2 and h.shape == (t.shape[1],) * 2:
+            target.h = h
+        out.append(target)
     return out
 
 
@@ -108,22 +131,60 @@ def bin_index(delta: float) -> int:
     return int(round(BIN_STEPS * np.log2(delta)))
 
 
+def gptq_codes(x: np.ndarray, js, u: np.ndarray, block: int = 32) -> np.ndarray:
+    """Integer codes of matrix x (m x n) on the grid of every bin in js: (len(js), m, n).
+
+    Columns are rounded in order and each rounding error is spread over the later columns
+    (GPTQ): the rows' error in the H-norm is what is kept small. u: upper Cholesky factor of
+    H^-1. Rows are independent, so the first k rows' codes are those of x[:k] alone."""
+    widths = np.array([bin_width(j) for j in js])[:, None, None]
+    x = x[None] / widths  # in units of each bin
+    n = x.shape[2]
+    codes = np.empty(x.shape, np.int64)
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        errs = np.empty((*x.shape[:2], hi - lo))
+        for i in range(lo, hi):
+            q = np.rint(x[:, :, i])
+            codes[:, :, i] = q
+            errs[:, :, i - lo] = e = (x[:, :, i] - q) / u[i, i]
+            x[:, :, i + 1:hi] -= e[:, :, None] * u[i, i + 1:hi]
+        x[:, :, hi:] -= errs @ u[lo:hi, hi:]
+    return codes
+
+
+def dense_codes(t: Target, j: int) -> np.ndarray:
+    """Flat integer codes of the coded part of t on bin j (with error feedback where t.h is known)."""
+    if t.h is None:
+        return quantize(t.w, j)
+    return gptq_codes(t.w.reshape(matrix_shape(t.coded_shape)), [j], t.whitened()[4])[0].reshape(-1)
+
+
 def zero_entry(t: Target) -> Entry:
     return Entry(t.name, t.shape, t.tensor.dtype, "zero")
 
 
 def dense_entry(t: Target, j: int) -> Entry:
-    codes = quantize(t.w, j)
+    codes = dense_codes(t, j)
     if not codes.any():
         return zero_entry(t)
     return Entry(t.name, t.shape, t.tensor.dtype, "dense", codes=(codes,), bins=(j,), rows=t.rows)
 
 
 def factors(t: Target, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced rank-k factors A = U_k S_k^1/2 (m x k), B = S_k^1/2 V_k^T (k x n)."""
-    u, s, vt = t.svd()
-    root = np.sqrt(s[:k])
-    return u[:, :k] * root, root[:, None] * vt[:k]
+    """Balanced rank-k factors A = U_k S_k^1/2 (m x k), B = S_k^1/2 V_k^T (k x n) of W, or of
+    W H^(1/2) where t.h is known (then B = S_k^1/2 V_k^T H^(-1/2))."""
+    if t.h is None:
+        u, s, vt = t.svd()
+        return u[:, :k] * np.sqrt(s[:k]), np.sqrt(s[:k])[:, None] * vt[:k]
+    u, s, vt, inv_root, _ = t.whitened()
+    return u[:, :k] * np.sqrt(s[:k]), (np.sqrt(s[:k])[:, None] * vt[:k]) @ inv_root
+
+
+def factor_codes(t: Target, a: np.ndarray, b: np.ndarray, ja: int, jb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of the factors: A rounded, B with error feedback where t.h is known."""
+    qb = quantize(b, jb) if t.h is None else gptq_codes(b, [jb], t.whitened()[4])[0]
+    return quantize(a, ja), qb
 
 
 def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None) -> Entry:
@@ -131,7 +192,7 @@ def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None) -> Entry:
         return zero_entry(t)
     a, b = factors(t, k)
     jb = ja if jb is None else jb
-    codes = (quantize(a, ja).ravel(), quantize(b, jb).ravel())
+    codes = tuple(c.ravel() for c in factor_codes(t, a, b, ja, jb))
     return Entry(t.name, t.shape, t.tensor.dtype, "lowrank", codes=codes, bins=(ja, jb), rank=k, rows=t.rows)
 
 

@@ -19,6 +19,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from mdlgrok.complexity.coarse import targets_of
+from mdlgrok.complexity.moments import input_moments
 from mdlgrok.complexity.payload import Entry, bin_width, decode, encode_all
 from mdlgrok.complexity.search import LossError, LossOracle, Search
 
@@ -115,13 +116,14 @@ def _reads_from(oracle: LossOracle, base: float, name: str, start: int) -> bool:
 
 
 def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float], eps=PAPER_EPS, *,
-             lowrank: bool = True, polish: bool = True, eval_fn: Callable | None = None, seed: int = 0,
+             lowrank: bool = True, polish: bool = True, data_aware: bool = True, eval_fn: Callable | None = None, seed: int = 0,
              mode: str = "mdlgrok", constraint_fn: Callable | None = None) -> list[Result]:
     """Complexity of `model` at every eps; one Result per eps, in the order given.
 
     loss_fn(module) -> mean training loss (nats) of that module. eval_fn(module) -> dict of
     extra metrics (test loss, accuracies) recorded for the coarse model. lowrank=False is
-    the "quantization alone" baseline. mode="paper" runs the paper's procedure instead;
+    the "quantization alone" baseline. data_aware=False measures every error in the plain
+    Frobenius norm (no input moments, no error feedback). mode="paper" runs the paper's procedure instead;
     with it, constraint_fn(module) -> loss on one minibatch reproduces the paper's
     last-minibatch check (the reported coarse loss is still loss_fn's).
     """
@@ -138,9 +140,11 @@ def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float]
     oracle = LossOracle(model, loss_fn)
     base = base_loss(oracle)
     rows = read_rows(oracle, base)
+    oracle({})  # the probe holds the original weights while the input moments are read
+    moments = input_moments(oracle.loss_fn, oracle.probe, oracle.slots) if data_aware else {}
     # numpy's BLAS threads only spin on these small SVDs and products; torch keeps its own.
     with threadpool_limits(1, user_api="blas"):
-        search = Search(targets_of(oracle.original, rows), oracle, base, lowrank=lowrank, seed=seed)
+        search = Search(targets_of(oracle.original, rows, moments), oracle, base, lowrank=lowrank, seed=seed)
         configs = {e: search.best(e, polish=polish) for e in sorted(eps, reverse=True)}
         verified = [verify(search.entries(c), oracle) for c in dict.fromkeys(configs.values())]
     naive = naive_bits(model)

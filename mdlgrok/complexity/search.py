@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from mdlgrok.complexity.codecs import empirical_bits
-from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, lowrank_entry, quantize,
+from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, gptq_codes, lowrank_entry, quantize,
                                        raw_entry, zero_entry)
-from mdlgrok.complexity.payload import Entry, bin_width, entry_tensor
+from mdlgrok.complexity.payload import Entry, bin_width, entry_tensor, matrix_shape
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
 BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
@@ -96,13 +96,25 @@ def _bin_range(amax: float) -> range:
 
 
 def _dense_options(t: Target) -> list[Option]:
+    js = list(_bin_range(float(np.abs(t.w).max())))
     out = []
-    for j in _bin_range(float(np.abs(t.w).max())):
-        codes = quantize(t.w, j)
+    for j, codes, err in zip(js, *_rounded(t, t.w.reshape(matrix_shape(t.coded_shape)), js)):
         if codes.any():
-            err = float(((codes * bin_width(j) - t.w) ** 2).sum())
-            out.append(Option("dense", empirical_bits(codes) + MODEL_BITS, err, j=j))
+            out.append(Option("dense", empirical_bits(codes) + MODEL_BITS, float(err.sum()), j=j))
     return out
+
+
+def _rounded(t: Target, x: np.ndarray, js: list[int], chunk: int = 16):
+    """Codes of matrix x for every bin in js, and each row's squared error (in t's H-norm where
+    t.h is known): ((len(js), m, n) codes, (len(js), m) errors). x is t's matrix or its B factor."""
+    if t.h is None:
+        codes = np.stack([quantize(x, j) for j in js]) if js else np.zeros((0, *x.shape), np.int64)
+        d = codes * np.array([bin_width(j) for j in js])[:, None, None] - x
+        return codes, (d**2).sum(2)
+    codes = np.concatenate([gptq_codes(x, js[i:i + chunk], t.whitened()[4]) for i in range(0, len(js), chunk)]
+                           or [np.zeros((0, *x.shape), np.int64)])
+    d = codes * np.array([bin_width(j) for j in js])[:, None, None] - x
+    return codes, ((d @ t.h) * d).sum(2)
 
 
 def _lowrank_options(t: Target) -> list[Option]:
@@ -114,17 +126,19 @@ def _lowrank_options(t: Target) -> list[Option]:
     ranks = [r for r in RANKS if r <= t.max_lowrank()]
     if not ranks:
         return []
-    _, s, _ = t.svd()
+    s = t.svd()[1] if t.h is None else t.whitened()[1]
     big = ranks[-1]
     a, b = factors(t, big)
     tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])  # tail[k] = sum_{i>=k} s_i^2
     idx = np.array(ranks) - 1
+    js = list(_bin_range(max(float(np.abs(a).max()), float(np.abs(b).max()))))
     out = []
-    for j in _bin_range(max(float(np.abs(a).max()), float(np.abs(b).max()))):
-        qa, qb = quantize(a, j), quantize(b, j)
-        da, db = qa * bin_width(j) - a, qb * bin_width(j) - b
+    for j, qb, db2 in zip(js, *_rounded(t, b, js)):
+        qa = quantize(a, j)
+        da2 = ((qa * bin_width(j) - a) ** 2).sum(0)
         # |W - A'B'|^2 ~ truncation + sum_i s_i (|dA_i|^2 + |dB_i|^2): the parts are orthogonal
-        err = tail[idx + 1] + np.cumsum(s[:big] * ((da**2).sum(0) + (db**2).sum(1)))[idx]
+        # (in the H-norm, |dB_i|^2_H, where t.h is known: W H^(1/2) is what was factored)
+        err = tail[idx + 1] + np.cumsum(s[:big] * (da2 + db2))[idx]
         bits = _prefix_bits(qa.T, idx) + _prefix_bits(qb, idx) + 2 * MODEL_BITS
         out += [Option("lowrank", float(bi), float(e), j=j, k=k) for k, bi, e in zip(ranks, bits, err)]
     return out
@@ -165,7 +179,9 @@ def lower_hull(options: list[Option]) -> list[Option]:
 
 
 def options_for(t: Target, lowrank: bool = True) -> list[Option]:
-    opts = [Option("zero", 0.0, float((t.w**2).sum()))] + _dense_options(t)
+    w = t.w.reshape(matrix_shape(t.coded_shape))
+    zero_err = float((w**2).sum()) if t.h is None else float(((w @ t.h) * w).sum())
+    opts = [Option("zero", 0.0, zero_err)] + _dense_options(t)
     if lowrank and t.is_matrix:
         opts += _lowrank_options(t)
     return lower_hull(opts)
