@@ -211,12 +211,14 @@ def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Gener
 class Search:
     """State of one checkpoint's search, shared by all eps."""
 
-    def __init__(self, targets: list[Target], oracle: LossOracle, base: float, lowrank: bool = True, seed: int = 0):
+    def __init__(self, targets: list[Target], oracle: LossOracle, base: float, lowrank: bool = True, seed: int = 0,
+                 sens: list[float] | None = None):
+        """sens: the sensitivities of the quantizable targets, if another search measured them."""
         self.targets, self.oracle, self.base = targets, oracle, base
         self.free = [t for t in targets if t.quantizable]
         self.hulls = [options_for(t, lowrank) for t in self.free]
         rng = np.random.default_rng(seed)
-        self.sens = [sensitivity(t, oracle, base, rng) for t in self.free]
+        self.sens = sens if sens is not None else [sensitivity(t, oracle, base, rng) for t in self.free]
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
         self.cache: dict[tuple[int, ...], float] = {}
         self.tensors: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, hull index) -> decoded tensor
@@ -269,7 +271,10 @@ class Search:
 
     def best(self, eps: float, polish: bool = True) -> tuple[int, ...] | None:
         """The configuration with the fewest bits found feasible for eps (None: lossless)."""
-        found = [c for c in (self._along(p, eps) for p in range(len(self.paths))) if c is not None]
+        for p in range(len(self.paths)):
+            self._along(p, eps)
+        # the cheapest feasible configuration evaluated so far, by any path, eps or polish
+        found = [c for c, loss in self.cache.items() if loss <= self.base + eps]
         if not found:
             return None
         config = min(found, key=self.bits)
