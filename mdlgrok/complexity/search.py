@@ -107,14 +107,14 @@ def _dense_options(t: Target) -> list[Option]:
 def _rounded(t: Target, x: np.ndarray, js: list[int], chunk: int = 16):
     """Codes of matrix x for every bin in js, and each row's squared error (in t's H-norm where
     t.h is known): ((len(js), m, n) codes, (len(js), m) errors). x is t's matrix or its B factor."""
+    if not js:
+        return np.zeros((0, *x.shape), np.int64), np.zeros((0, len(x)))
     if t.h is None:
-        codes = np.stack([quantize(x, j) for j in js]) if js else np.zeros((0, *x.shape), np.int64)
-        d = codes * np.array([bin_width(j) for j in js])[:, None, None] - x
-        return codes, (d**2).sum(2)
-    codes = np.concatenate([gptq_codes(x, js[i:i + chunk], t.whitened()[4]) for i in range(0, len(js), chunk)]
-                           or [np.zeros((0, *x.shape), np.int64)])
+        codes = np.stack([quantize(x, j) for j in js])
+    else:
+        codes = np.concatenate([gptq_codes(x, js[i:i + chunk], t.whitened()[4]) for i in range(0, len(js), chunk)])
     d = codes * np.array([bin_width(j) for j in js])[:, None, None] - x
-    return codes, ((d @ t.h) * d).sum(2)
+    return codes, (d**2).sum(2) if t.h is None else ((d @ t.h) * d).sum(2)
 
 
 def _lowrank_options(t: Target) -> list[Option]:
