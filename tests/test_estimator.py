@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mdlgrok.complexity import LossError, decode, estimate, naive_bits
-from mdlgrok.complexity.estimate import read_rows
+from mdlgrok.complexity.estimate import PLAIN_EPS, read_rows
 from mdlgrok.complexity.search import LossOracle
 from mdlgrok.models import ModelConfig, build_model
 from mdlgrok.tasks import TaskConfig, make_dataset
@@ -196,8 +196,11 @@ def test_data_aware_search_reads_moments_of_the_linear_layers(trained, monkeypat
     model, _, loss_fn, _, _ = trained
     estimate(model, loss_fn, [1.0])
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    # a search in the data-aware norms, then one in plain norms; q and k are unused by the paper attention
-    assert [set(m or {}) for m in seen] == [linear - {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight"}, set()]
+    used = linear - {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight"}  # q, k: unused by the paper attention
+    assert [set(m or {}) for m in seen] == [used]  # below PLAIN_EPS only the data-aware search runs
+    seen.clear()
+    estimate(model, loss_fn, [1.0, PLAIN_EPS])
+    assert [set(m or {}) for m in seen] == [used, set()]  # then one in plain norms for the large eps
     seen.clear()
     estimate(model, loss_fn, [1.0], data_aware=False)
     assert seen == [{}]
@@ -385,3 +388,39 @@ def test_full_size_transformer_is_honest_at_the_papers_eps():
     results = estimate(model, loss_fn, list(PAPER_EPS))
     check_honest(model, loss_fn, results, PAPER_EPS)
     assert all(r.bits < r.naive_bits for r in results)
+
+
+# ---------------------------------------------------------------- calibration of decoded bins
+def test_a_shifted_entry_decodes_scaled_by_its_grid_steps():
+    from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, targets_of, zero_entry
+    from mdlgrok.complexity.payload import entry_tensor
+    from mdlgrok.complexity.search import shifted
+    (t,) = targets_of({"w": torch.randn(6, 5, generator=torch.Generator().manual_seed(0))})
+    for entry in (dense_entry(t, -16), lowrank_entry(t, 2, -16, -20)):
+        for d in (-3, 1, 4):
+            np.testing.assert_allclose(entry_tensor(shifted(entry, d)).numpy(), entry_tensor(entry).numpy() * 2 ** (d / 8),
+                                       rtol=1e-6, atol=1e-12)
+    assert shifted(zero_entry(t), 2) == zero_entry(t)
+
+
+def test_calibration_scales_up_an_underconfident_readout():
+    from mdlgrok.complexity.coarse import targets_of
+    from mdlgrok.complexity.search import MAX_SHIFT, Search
+    torch.manual_seed(0)
+    x = torch.randn(200, 4)
+    y = x.argmax(1)
+    model = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(0.3 * torch.eye(4))  # right answers, little confidence: a larger scale lowers the loss
+    loss_fn = ce_closure(x, y)
+    oracle = LossOracle(model, loss_fn)
+    base = oracle({})
+    search = Search(targets_of(oracle.original), oracle, base)
+    finest = (0,)
+    shift = search._calibrate(finest, (0,))
+    assert 0 < shift[0] <= MAX_SHIFT
+    assert search.loss(finest, shift) < search.loss(finest)
+    # the estimate uses it: the decoded weight is scaled up, and still honest
+    results = estimate(model, loss_fn, [0.01])
+    check_honest(model, loss_fn, results, [0.01])
+    assert results[0].coarse_loss < base

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from mdlgrok.complexity import decode
 from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, raw_entry, targets_of, zero_entry
-from mdlgrok.complexity.payload import (CODEC_IDS, MAGIC, bin_width, decode_entries, encode, encode_all,
-                                        state_dict_of)
+from mdlgrok.complexity.payload import (CODEC_IDS, MAGIC, bin_width, decode_entries, encode, encode_all, fourier_basis,
+                                        matrix_shape, state_dict_of)
 
 CODECS = sorted(CODEC_IDS)
 
@@ -135,11 +135,14 @@ def random_entries(draw):
         if not t.quantizable or kind == "raw":
             entries.append(raw_entry(t))
         elif kind == "lowrank" and t.is_matrix and t.max_lowrank() >= 1:
-            entries.append(lowrank_entry(t, draw(st.integers(1, t.max_lowrank())), j, draw(st.integers(-60, 10))))
+            fourier = draw(st.integers(2, t.coded_shape[0])) if draw(st.booleans()) else 0
+            entries.append(lowrank_entry(t, draw(st.integers(1, t.max_lowrank())), j, draw(st.integers(-60, 10)),
+                                         fourier=fourier))
         elif kind == "zero":
             entries.append(zero_entry(t))
         else:
-            entries.append(dense_entry(t, j))
+            m = matrix_shape(t.coded_shape)[0]
+            entries.append(dense_entry(t, j, draw(st.integers(2, m)) if m >= 2 and draw(st.booleans()) else 0))
     return entries
 
 
@@ -171,6 +174,40 @@ def test_a_row_list_past_the_tensor_is_an_error():
     entry = dense_entry(t, -8)
     entry.rows = (0, 4)  # row 4 of a 4-row tensor
     with pytest.raises(ValueError, match="row list"):
+        decode(encode([entry], "zstd"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 113])
+def test_fourier_basis_is_orthonormal(n):
+    q = fourier_basis(n)
+    np.testing.assert_allclose(q @ q.T, np.eye(n), atol=1e-12)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_fourier_rows_decode_back_to_rows(codec):
+    p = 13
+    t_ = np.arange(p)
+    table = np.stack([np.cos(2 * np.pi * 3 * t_ / p), np.sin(2 * np.pi * 5 * t_ / p), np.cos(2 * np.pi * t_ / p)], 1)
+    state = OrderedDict([("emb", torch.from_numpy(np.concatenate([table, np.ones((2, 3))])))])  # 2 rows not residues
+    (t,) = targets_of(state)
+    assert t.fourier() == p  # a periodic table is sparse in the basis of its first p rows
+    entry = dense_entry(t, -24, p)
+    assert np.count_nonzero(entry.codes[0]) <= 6 + 6  # 3 columns x 2 coefficients, plus the 2 plain rows
+    decoded = decode(encode([entry], codec))
+    assert decode_entries(encode([entry], codec))[0][0].fourier == p
+    assert (decoded["emb"] - state["emb"]).abs().max() <= 4 * bin_width(-24)
+
+
+def test_a_random_matrix_is_not_coded_in_the_fourier_basis():
+    (t,) = targets_of({"w": torch.randn(40, 30, generator=torch.Generator().manual_seed(0))})
+    assert t.fourier() == 0
+
+
+def test_a_fourier_count_past_the_rows_is_an_error():
+    (t,) = targets_of(OrderedDict([("emb", torch.randn(6, 3))]))
+    entry = dense_entry(t, -8, 6)
+    entry.fourier = 7
+    with pytest.raises(ValueError, match="Fourier"):
         decode(encode([entry], "zstd"))
 
 

@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mdlgrok.complexity.payload import BIN_STEPS, Entry, bin_width, matrix_shape
+from mdlgrok.complexity.payload import BIN_STEPS, Entry, bin_width, fourier_basis, matrix_shape
+
+FOURIER_MIN_ROWS = 8  # smallest matrix whose rows are tried in the Fourier basis
+FOURIER_TRIM = 4  # the basis may leave out up to this many last rows (tokens that are not residues)
+FOURIER_GAIN = 0.95  # tried only when it shrinks the l1 norm of the matrix by 5% or more (a random matrix: about 1)
 
 
 @dataclass
@@ -81,6 +85,19 @@ class Target:
             self._white = (*np.linalg.svd(w @ root, full_matrices=False), inv_root,
                            np.linalg.cholesky(inv_root @ inv_root).T)
         return self._white
+
+    def fourier(self) -> int:
+        """How many leading rows to code as Fourier coefficients (0: none): the length, among
+        the last FOURIER_TRIM + 1, whose coefficients have the smallest l1 norm, where that
+        norm (a proxy for the bits of their codes) is at most FOURIER_GAIN of the rows' own."""
+        m, _ = matrix_shape(self.coded_shape)
+        if not self.is_matrix or m < FOURIER_MIN_ROWS:
+            return 0
+        w = self.w.reshape(m, -1)
+        plain = np.abs(w).sum()
+        l1 = {f: np.abs(to_fourier(w, f)).sum() for f in range(m, max(m - FOURIER_TRIM, 2) - 1, -1)}
+        best = min(l1, key=l1.get)
+        return best if l1[best] <= FOURIER_GAIN * plain else 0
 
     def max_lowrank(self) -> int:
         """Largest rank whose factors are cheaper than the matrix: k (m + n) < m n."""
@@ -153,22 +170,32 @@ def gptq_codes(x: np.ndarray, js, u: np.ndarray, block: int = 32) -> np.ndarray:
     return codes
 
 
-def dense_codes(t: Target, j: int) -> np.ndarray:
-    """Flat integer codes of the coded part of t on bin j (with error feedback where t.h is known)."""
+def to_fourier(x: np.ndarray, f: int) -> np.ndarray:
+    """x with its first f rows replaced by their Fourier coefficients (payload.from_fourier inverts it)."""
+    if not f:
+        return x
+    return np.concatenate([fourier_basis(f) @ x[:f], x[f:]])
+
+
+def dense_codes(t: Target, j: int, fourier: int = 0) -> np.ndarray:
+    """Flat integer codes of the coded part of t on bin j, its first `fourier` rows as Fourier
+    coefficients (with error feedback where t.h is known: an orthonormal map of the rows keeps
+    the H-norm, so the rows are rounded after it)."""
+    w = to_fourier(t.w.reshape(matrix_shape(t.coded_shape)), fourier)
     if t.h is None:
-        return quantize(t.w, j)
-    return gptq_codes(t.w.reshape(matrix_shape(t.coded_shape)), [j], t.whitened()[4])[0].reshape(-1)
+        return quantize(w, j).reshape(-1)
+    return gptq_codes(w, [j], t.whitened()[4])[0].reshape(-1)
 
 
 def zero_entry(t: Target) -> Entry:
     return Entry(t.name, t.shape, t.tensor.dtype, "zero")
 
 
-def dense_entry(t: Target, j: int) -> Entry:
-    codes = dense_codes(t, j)
+def dense_entry(t: Target, j: int, fourier: int = 0) -> Entry:
+    codes = dense_codes(t, j, fourier)
     if not codes.any():
         return zero_entry(t)
-    return Entry(t.name, t.shape, t.tensor.dtype, "dense", codes=(codes,), bins=(j,), rows=t.rows)
+    return Entry(t.name, t.shape, t.tensor.dtype, "dense", codes=(codes,), bins=(j,), rows=t.rows, fourier=fourier)
 
 
 def factors(t: Target, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,13 +214,16 @@ def factor_codes(t: Target, a: np.ndarray, b: np.ndarray, ja: int, jb: int) -> t
     return quantize(a, ja), qb
 
 
-def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None) -> Entry:
+def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None, fourier: int = 0) -> Entry:
+    """Rank-k factors on bins ja, jb; the first `fourier` rows of A as Fourier coefficients."""
     if k == 0:
         return zero_entry(t)
     a, b = factors(t, k)
+    a = to_fourier(a, fourier)
     jb = ja if jb is None else jb
     codes = tuple(c.ravel() for c in factor_codes(t, a, b, ja, jb))
-    return Entry(t.name, t.shape, t.tensor.dtype, "lowrank", codes=codes, bins=(ja, jb), rank=k, rows=t.rows)
+    return Entry(t.name, t.shape, t.tensor.dtype, "lowrank", codes=codes, bins=(ja, jb), rank=k, rows=t.rows,
+                 fourier=fourier)
 
 
 def raw_entry(t: Target) -> Entry:

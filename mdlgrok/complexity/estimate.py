@@ -24,6 +24,7 @@ from mdlgrok.complexity.payload import Entry, bin_width, decode, encode_all
 from mdlgrok.complexity.search import LossError, LossOracle, Search
 
 PAPER_EPS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
+PLAIN_EPS = 2.0  # nats: the search in plain norms runs beside the data-aware one from here up
 
 
 @dataclass
@@ -55,10 +56,11 @@ def naive_bits(model: torch.nn.Module) -> int:
 
 
 def choices_of(entries: list[Entry]) -> list[dict]:
-    """Per entry: name, kind, rank, bin widths, and rows: how many rows are coded where the loss
-    reads only some (the others decode to zero), else None."""
+    """Per entry: name, kind, rank, bin widths, rows: how many rows are coded where the loss
+    reads only some (the others decode to zero), else None, and fourier: how many leading rows
+    (of the matrix, or of its factor A) are coded as Fourier coefficients, else None."""
     return [{"name": e.name, "kind": e.kind, "rank": e.rank, "bins": [bin_width(j) for j in e.bins],
-             "rows": len(e.rows) or None} for e in entries]
+             "rows": len(e.rows) or None, "fourier": e.fourier or None} for e in entries]
 
 
 def check_eps(eps) -> list[float]:
@@ -145,8 +147,8 @@ def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float]
     # numpy's BLAS threads only spin on these small SVDs and products; torch keeps its own.
     with threadpool_limits(1, user_api="blas"):
         verified = []
-        for search in searches(oracle, base, rows, moments, lowrank, seed):
-            configs = {e: search.best(e, polish=polish) for e in sorted(eps, reverse=True)}
+        for search, its_eps in searches(oracle, base, rows, moments, lowrank, seed, eps):
+            configs = {e: search.best(e, polish=polish) for e in sorted(its_eps, reverse=True)}
             verified += [verify(search.entries(c), oracle) for c in dict.fromkeys(configs.values())]
     naive = naive_bits(model)
     seconds = time.perf_counter() - start
@@ -159,15 +161,16 @@ def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float]
     return results
 
 
-def searches(oracle: LossOracle, base: float, rows, moments, lowrank: bool, seed: int):
-    """The search with errors in the data-aware norms, then (where moments were found) one with
-    plain Frobenius errors and the same sensitivities: the quadratic model behind the norms
-    fails where eps allows the network to be badly damaged, and either can find the cheaper
-    configuration there."""
+def searches(oracle: LossOracle, base: float, rows, moments, lowrank: bool, seed: int, eps: list[float]):
+    """(search, its eps): the search with errors in the data-aware norms for every eps, then
+    (where moments were found) one with plain Frobenius errors and the same sensitivities for
+    the eps of at least PLAIN_EPS nats: the quadratic model behind the norms fails where eps
+    lets the network be badly damaged, and either can find the cheaper configuration there."""
     first = Search(targets_of(oracle.original, rows, moments), oracle, base, lowrank=lowrank, seed=seed)
-    yield first
-    if moments:
-        yield Search(targets_of(oracle.original, rows), oracle, base, lowrank=lowrank, sens=first.sens)
+    yield first, eps
+    large = [e for e in eps if e >= PLAIN_EPS]
+    if moments and large:
+        yield Search(targets_of(oracle.original, rows), oracle, base, lowrank=lowrank, sens=first.sens), large
 
 
 def verify(entries: list[Entry], oracle: LossOracle) -> tuple[bytes, float, dict[str, int], list[Entry]]:

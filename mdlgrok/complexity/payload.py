@@ -19,10 +19,16 @@ Bins lie on the grid delta = 2 ** (j / BIN_STEPS) and are stored as the integer 
 A dense or lowrank entry may cover only some rows of its tensor (the rows an embedding
 table's lookups reach): its kind byte then has ROWS_FLAG set and the row indices follow
 (count, then gaps); the codes describe those rows and every other row is zero.
+A dense matrix, or the A factor of a lowrank entry, may store its first f rows as
+coefficients of the orthonormal real Fourier basis along the rows (``fourier_basis``): the
+kind byte then has FOURIER_FLAG set and f follows; the decoder turns them back into rows.
+Tables indexed by a residue mod p (embeddings and readouts of modular arithmetic) are
+sparse in that basis once a network has grokked (Nanda et al. 2023).
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,6 +43,7 @@ MAGIC = 0xD1
 BIN_STEPS = 8  # bins on a grid of 2^(1/8)
 KINDS = ("zero", "dense", "lowrank", "raw", "alias")
 ROWS_FLAG = 0x80  # on the kind byte: the entry covers only the listed rows
+FOURIER_FLAG = 0x40  # on the kind byte: the first f rows are Fourier coefficients
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
           torch.int16, torch.int8, torch.uint8, torch.bool)
 
@@ -60,6 +67,7 @@ class Entry:
     alias: int = -1
     matrix: tuple[int, int] = field(default=(0, 0), repr=False)  # (m, n) view for lowrank
     rows: tuple[int, ...] = ()  # dense/lowrank: the rows the codes cover (empty: all); the rest are zero
+    fourier: int = 0  # dense/lowrank: the first `fourier` rows of the matrix (of A) are Fourier coefficients
 
     def __post_init__(self):
         if self.kind == "lowrank" and self.matrix == (0, 0):
@@ -72,8 +80,30 @@ class Entry:
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D view of a tensor: (first dim, product of the rest)."""
-    return shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    """The 2-D view of a tensor: (first dim, product of the rest); (1, 1) for a scalar."""
+    return (shape[0], int(np.prod(shape[1:], dtype=np.int64))) if shape else (1, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def fourier_basis(n: int) -> np.ndarray:
+    """The orthonormal real Fourier basis of length n as rows (n x n): constant, then cos and sin
+    of every frequency 1 .. (n-1)//2, then (-1)^t when n is even. Coefficients c = Q x, x = Q^T c."""
+    t = np.arange(n)
+    rows = [np.full(n, 1 / np.sqrt(n))]
+    for f in range(1, (n - 1) // 2 + 1):
+        rows += [np.sqrt(2 / n) * np.cos(2 * np.pi * f * t / n), np.sqrt(2 / n) * np.sin(2 * np.pi * f * t / n)]
+    if n % 2 == 0:
+        rows.append((-1.0) ** t / np.sqrt(n))
+    basis = np.stack(rows)
+    basis.flags.writeable = False  # shared by the cache
+    return basis
+
+
+def from_fourier(x: np.ndarray, f: int) -> np.ndarray:
+    """x with its first f rows turned from Fourier coefficients back into rows (f = 0: x)."""
+    if not f:
+        return x
+    return np.concatenate([fourier_basis(f).T @ x[:f], x[f:]])
 
 
 def entry_tensor(e: Entry, earlier: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -89,11 +119,11 @@ def _coded_tensor(e: Entry, shape: tuple[int, ...], earlier: list[torch.Tensor] 
     if e.kind == "zero":
         return torch.zeros(e.shape, dtype=e.dtype)
     if e.kind == "dense":
-        values = e.codes[0].astype(np.float64) * bin_width(e.bins[0])
-        return torch.from_numpy(values.reshape(shape)).to(e.dtype)
+        values = e.codes[0].astype(np.float64).reshape(matrix_shape(e.coded_shape)) * bin_width(e.bins[0])
+        return torch.from_numpy(from_fourier(values, e.fourier).reshape(shape)).to(e.dtype)
     if e.kind == "lowrank":
         (m, n), k = e.matrix, e.rank
-        a = e.codes[0].reshape(m, k).astype(np.float64) * bin_width(e.bins[0])
+        a = from_fourier(e.codes[0].reshape(m, k).astype(np.float64) * bin_width(e.bins[0]), e.fourier)
         b = e.codes[1].reshape(k, n).astype(np.float64) * bin_width(e.bins[1])
         return torch.from_numpy((a @ b).reshape(shape)).to(e.dtype)
     if e.kind == "raw":
@@ -116,11 +146,15 @@ def _header(entries: list[Entry]) -> bytes:
     h = bytearray(varint(len(entries)))
     for e in entries:
         name = e.name.encode()
-        rows = e.rows if e.kind in ("dense", "lowrank") else ()
-        h += varint(len(name)) + name + bytes([DTYPES.index(e.dtype), KINDS.index(e.kind) | (ROWS_FLAG if rows else 0)])
+        coded = e.kind in ("dense", "lowrank")
+        rows, fourier = (e.rows, e.fourier) if coded else ((), 0)
+        flags = (ROWS_FLAG if rows else 0) | (FOURIER_FLAG if fourier else 0)
+        h += varint(len(name)) + name + bytes([DTYPES.index(e.dtype), KINDS.index(e.kind) | flags])
         h += varint(len(e.shape)) + b"".join(varint(d) for d in e.shape)
         if rows:
             h += varint(len(rows)) + b"".join(varint(g) for g in np.diff(rows, prepend=-1) - 1)
+        if fourier:
+            h += varint(fourier)
         if e.kind == "dense":
             h += varint(zigzag(e.bins[0]))
         elif e.kind == "lowrank":
@@ -147,13 +181,18 @@ def _read_header(r: Reader) -> list[Entry]:
     for i in range(r.varint()):
         name = r.take(r.varint()).decode()
         dtype_id, kind_byte = r.take(2)
-        kind_id, has_rows = kind_byte & ~ROWS_FLAG, bool(kind_byte & ROWS_FLAG)
-        if dtype_id >= len(DTYPES) or kind_id >= len(KINDS) or (has_rows and KINDS[kind_id] not in ("dense", "lowrank")):
+        kind_id, has_rows, has_fourier = kind_byte & 0x3F, bool(kind_byte & ROWS_FLAG), bool(kind_byte & FOURIER_FLAG)
+        if dtype_id >= len(DTYPES) or kind_id >= len(KINDS) or (
+                (has_rows or has_fourier) and KINDS[kind_id] not in ("dense", "lowrank")):
             raise ValueError("payload is corrupt (unknown dtype or kind)")
         shape = tuple(r.varint() for _ in range(r.varint()))
         e = Entry(name, shape, DTYPES[dtype_id], KINDS[kind_id])
         if has_rows:
             e.rows = _read_rows(r, shape)
+        if has_fourier:
+            e.fourier = r.varint()
+            if not shape or not 2 <= e.fourier <= e.coded_shape[0]:
+                raise ValueError("payload is corrupt (Fourier rows)")
         if e.kind == "dense":
             e.bins = (r.svarint(),)
         elif e.kind == "lowrank":

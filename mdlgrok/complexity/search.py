@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -29,14 +30,15 @@ import torch
 
 from mdlgrok.complexity.codecs import empirical_bits
 from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, gptq_codes, lowrank_entry, quantize,
-                                       raw_entry, zero_entry)
+                                       raw_entry, to_fourier, zero_entry)
 from mdlgrok.complexity.payload import Entry, bin_width, entry_tensor, matrix_shape
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
 BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
-FINEST_BITS = 14  # finest bin: max|w| / 2^14
+FINEST_BITS = 12  # finest bin: max|w| / 2^12
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
 SHRINKAGE = (0.0, 0.25, 0.5)  # exponents beta tried for the sensitivities
+MAX_SHIFT = 4  # calibration: decoded bins at most 2^(4/8) from the coding bin
 POLISH_PASSES = 2
 POLISH_MIN_SHARE = 0.01  # polish tensors holding at least 1% of the bits
 RANKS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224,
@@ -79,13 +81,14 @@ class Option:
     err: float  # squared error |W - W_hat|_F^2
     j: int = 0
     k: int = 0
+    fourier: int = 0  # leading rows (of the matrix, or of A) coded as Fourier coefficients
 
     def entry(self, t: Target) -> Entry:
         if self.kind == "zero":
             return zero_entry(t)
         if self.kind == "dense":
-            return dense_entry(t, self.j)
-        return lowrank_entry(t, self.k, self.j)
+            return dense_entry(t, self.j, self.fourier)
+        return lowrank_entry(t, self.k, self.j, fourier=self.fourier)
 
 
 def _bin_range(amax: float) -> range:
@@ -95,12 +98,19 @@ def _bin_range(amax: float) -> range:
     return range(bin_index(amax / 2**FINEST_BITS), hi + 1, BIN_STRIDE)
 
 
+def _fouriers(t: Target) -> list[int]:
+    """The row bases tried for t: its own rows, and the Fourier basis where it pays (coarse.Target.fourier)."""
+    return sorted({0, t.fourier()})
+
+
 def _dense_options(t: Target) -> list[Option]:
-    js = list(_bin_range(float(np.abs(t.w).max())))
     out = []
-    for j, codes, err in zip(js, *_rounded(t, t.w.reshape(matrix_shape(t.coded_shape)), js)):
-        if codes.any():
-            out.append(Option("dense", empirical_bits(codes) + MODEL_BITS, float(err.sum()), j=j))
+    for f in _fouriers(t):
+        w = to_fourier(t.w.reshape(matrix_shape(t.coded_shape)), f)
+        js = list(_bin_range(float(np.abs(w).max())))
+        for j, codes, err in zip(js, *_rounded(t, w, js)):
+            if codes.any():  # an orthonormal map of the rows: the error is the same in either basis
+                out.append(Option("dense", empirical_bits(codes) + MODEL_BITS, float(err.sum()), j=j, fourier=f))
     return out
 
 
@@ -131,16 +141,19 @@ def _lowrank_options(t: Target) -> list[Option]:
     a, b = factors(t, big)
     tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])  # tail[k] = sum_{i>=k} s_i^2
     idx = np.array(ranks) - 1
-    js = list(_bin_range(max(float(np.abs(a).max()), float(np.abs(b).max()))))
+    fa = {f: to_fourier(a, f) for f in _fouriers(t)}  # A's rows in either basis (orthonormal: same error)
+    js = list(_bin_range(max(*(float(np.abs(x).max()) for x in fa.values()), float(np.abs(b).max()))))
     out = []
     for j, qb, db2 in zip(js, *_rounded(t, b, js)):
-        qa = quantize(a, j)
-        da2 = ((qa * bin_width(j) - a) ** 2).sum(0)
-        # |W - A'B'|^2 ~ truncation + sum_i s_i (|dA_i|^2 + |dB_i|^2): the parts are orthogonal
-        # (in the H-norm, |dB_i|^2_H, where t.h is known: W H^(1/2) is what was factored)
-        err = tail[idx + 1] + np.cumsum(s[:big] * (da2 + db2))[idx]
-        bits = _prefix_bits(qa.T, idx) + _prefix_bits(qb, idx) + 2 * MODEL_BITS
-        out += [Option("lowrank", float(bi), float(e), j=j, k=k) for k, bi, e in zip(ranks, bits, err)]
+        b_bits = _prefix_bits(qb, idx)
+        for f, af in fa.items():
+            qa = quantize(af, j)
+            da2 = ((qa * bin_width(j) - af) ** 2).sum(0)
+            # |W - A'B'|^2 ~ truncation + sum_i s_i (|dA_i|^2 + |dB_i|^2): the parts are orthogonal
+            # (in the H-norm, |dB_i|^2_H, where t.h is known: W H^(1/2) is what was factored)
+            err = tail[idx + 1] + np.cumsum(s[:big] * (da2 + db2))[idx]
+            bits = _prefix_bits(qa.T, idx) + b_bits + 2 * MODEL_BITS
+            out += [Option("lowrank", float(bi), float(e), j=j, k=k, fourier=f) for k, bi, e in zip(ranks, bits, err)]
     return out
 
 
@@ -208,6 +221,9 @@ def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Gener
 
 
 
+Choice = tuple[tuple[int, ...], tuple[int, ...]]  # (hull index, bin shift) per quantizable tensor
+
+
 class Search:
     """State of one checkpoint's search, shared by all eps."""
 
@@ -220,7 +236,8 @@ class Search:
         rng = np.random.default_rng(seed)
         self.sens = sens if sens is not None else [sensitivity(t, oracle, base, rng) for t in self.free]
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
-        self.cache: dict[tuple[int, ...], float] = {}
+        self.cache: dict[Choice, float] = {}
+        self.last_shift: tuple[int, ...] = ()  # the latest calibration (see best)
         self.tensors: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, hull index) -> decoded tensor
 
     def _path(self, sens: list[float]) -> list[tuple[int, ...]]:
@@ -239,46 +256,73 @@ class Search:
             path.append(tuple(config))
         return path
 
-    def entries(self, config: tuple[int, ...] | None) -> list[Entry]:
-        """Entries of a configuration; None is the lossless fallback (raw bytes)."""
+    def entries(self, choice: Choice | None) -> list[Entry]:
+        """Entries of a choice (configuration, shifts); None is the lossless fallback (raw bytes)."""
         free = iter(range(len(self.free)))
         out = []
         for t in self.targets:
-            if t.quantizable and config is not None:
+            if t.quantizable and choice is not None:
                 i = next(free)
-                out.append(self.hulls[i][config[i]].entry(t))
+                out.append(shifted(self.hulls[i][choice[0][i]].entry(t), choice[1][i]))
             else:
                 out.append(raw_entry(t))
         return out
 
-    def loss(self, config: tuple[int, ...]) -> float:
-        if config not in self.cache:
-            state = {t.name: self._tensor(i, h) for i, (t, h) in enumerate(zip(self.free, config))}
-            self.cache[config] = self.oracle(state)
-        return self.cache[config]
+    def loss(self, config: tuple[int, ...], shift: tuple[int, ...] | None = None) -> float:
+        shift = shift or (0,) * len(config)
+        if (config, shift) not in self.cache:
+            state = {t.name: self._tensor(i, h, d) for i, (t, h, d) in enumerate(zip(self.free, config, shift))}
+            self.cache[(config, shift)] = self.oracle(state)
+        return self.cache[(config, shift)]
 
-    def _tensor(self, i: int, h: int) -> torch.Tensor:
+    def _tensor(self, i: int, h: int, shift: int = 0) -> torch.Tensor:
         """Decoded tensor of option h of tensor i (entry_tensor, as the decoder computes it)."""
-        if (i, h) not in self.tensors:
-            self.tensors[(i, h)] = entry_tensor(self.hulls[i][h].entry(self.free[i]))
-        return self.tensors[(i, h)]
+        if (i, h, shift) not in self.tensors:
+            self.tensors[(i, h, shift)] = entry_tensor(shifted(self.hulls[i][h].entry(self.free[i]), shift))
+        return self.tensors[(i, h, shift)]
 
-    def feasible(self, config: tuple[int, ...], eps: float) -> bool:
-        return self.loss(config) <= self.base + eps
+    def feasible(self, config: tuple[int, ...], eps: float, shift: tuple[int, ...] | None = None) -> bool:
+        return self.loss(config, shift) <= self.base + eps
 
     def bits(self, config: tuple[int, ...]) -> float:
         return sum(h[c].bits for h, c in zip(self.hulls, config))
 
-    def best(self, eps: float, polish: bool = True) -> tuple[int, ...] | None:
-        """The configuration with the fewest bits found feasible for eps (None: lossless)."""
+    def best(self, eps: float, polish: bool = True) -> Choice | None:
+        """The choice with the fewest bits found feasible for eps (None: lossless)."""
         for p in range(len(self.paths)):
             self._along(p, eps)
         # the cheapest feasible configuration evaluated so far, by any path, eps or polish
-        found = [c for c, loss in self.cache.items() if loss <= self.base + eps]
+        found = [key for key, loss in self.cache.items() if loss <= self.base + eps]
         if not found:
             return None
-        config = min(found, key=self.bits)
-        return self._polish(config, eps) if polish else config
+        config, shift = min(found, key=lambda key: self.bits(key[0]))
+        if not polish:
+            return config, shift
+        if self.last_shift and self.loss(config, self.last_shift) < self.loss(config, shift):
+            shift = self.last_shift  # the previous eps' calibration, where it already helps
+        self.last_shift = shift = self._calibrate(config, shift)
+        return self._polish(config, eps, shift), shift
+
+    def _calibrate(self, config: tuple[int, ...], shift: tuple[int, ...]) -> tuple[int, ...]:
+        """Shifts of the decoded bins (the same codes, scaled by 2^(d/8): no bits) that lower the
+        loss, one tensor at a time, largest first. Coarse-graining upsets the scale of what a
+        LayerNorm passes on and the confidence of the logits; a scale can give some of it back."""
+        shift, best = list(shift), self.loss(config, shift)
+        order = sorted((i for i in range(len(config)) if self.hulls[i][config[i]].kind != "zero"),
+                       key=lambda i: -self.hulls[i][config[i]].bits)
+        for i in order:
+            for step in (1, -1):
+                moved = False
+                while abs(shift[i] + step) <= MAX_SHIFT:
+                    trial = shift.copy()
+                    trial[i] += step
+                    loss = self.loss(config, tuple(trial))
+                    if not loss < best:
+                        break
+                    shift, best, moved = trial, loss, True
+                if moved:
+                    break
+        return tuple(shift)
 
     def _along(self, p: int, eps: float) -> tuple[int, ...] | None:
         """Binary search for the last feasible configuration of path p (loss ~ monotone along it).
@@ -297,7 +341,7 @@ class Search:
             lo, hi = (mid, hi) if self.feasible(path[mid], eps) else (lo, mid)
         return path[lo]
 
-    def _polish(self, config: tuple[int, ...], eps: float) -> tuple[int, ...]:
+    def _polish(self, config: tuple[int, ...], eps: float, shift: tuple[int, ...]) -> tuple[int, ...]:
         """Coarsen single tensors hull step by hull step, largest saving first, while feasible."""
         config = list(config)
         total = self.bits(tuple(config))
@@ -311,12 +355,19 @@ class Search:
                 while config[i] + 1 < len(self.hulls[i]):
                     trial = config.copy()
                     trial[i] += 1
-                    if not self.feasible(tuple(trial), eps):
+                    if not self.feasible(tuple(trial), eps, shift):
                         break
                     config, changed = trial, True
             if not changed:
                 break
         return tuple(config)
+
+
+def shifted(entry: Entry, shift: int) -> Entry:
+    """The entry decoded on bins `shift` grid steps coarser (the first factor's, for lowrank)."""
+    if not shift or entry.kind not in ("dense", "lowrank"):
+        return entry
+    return dataclasses.replace(entry, bins=(entry.bins[0] + shift, *entry.bins[1:]))
 
 
 def shrink(sens: list[float], beta: float) -> list[float]:
