@@ -1,9 +1,10 @@
 """mdlgrok's search: per-tensor ranks and bins for every eps from one shared set of loss calls.
 
 1. Options. For every tensor, candidate coarse-grainings (zero, dense codes at every bin of
-   a 2^(1/8) grid, and for matrices rank-k factors at every bin) with their estimated bits
-   (empirical entropy of the codes) and squared error; only the lower convex hull of
-   (error, bits) is kept.
+   a 2^(1/8) grid, and for matrices rank-k factors at every bin, each also with Fourier rows
+   where coarse.Target.fourier finds them) with their estimated bits (empirical entropy of
+   the codes) and squared error (in the H-norm of the inputs where moments are known: see
+   coarse); only the lower convex hull of (error, bits) is kept.
 2. Sensitivity. The loss increase per unit of squared error of each tensor, s_t, from an
    antithetic noise probe: (L(w+z) + L(w-z) - 2 L(w)) / (2 |z|^2) cancels the gradient term.
 3. Path. With predicted loss increase sum_t s_t err_t, the optimal allocation for a
@@ -13,8 +14,9 @@
    shrinkage of the sensitivities toward their geometric mean (`shrink`), since the
    probe's spread between tensors is only roughly right where the constraint binds.
 4. Search. For each eps, a binary search along every path with the real loss on the full
-   training set (cached, shared by all eps and paths), the cheapest feasible point kept,
-   then a greedy pass that coarsens single tensors further while the constraint holds.
+   training set (cached, shared by all eps and paths); from the cheapest feasible point
+   evaluated, a calibration of the decoded bins (the same codes scaled by grid steps), then
+   a greedy pass that coarsens single tensors further while the constraint holds.
 """
 
 from __future__ import annotations
