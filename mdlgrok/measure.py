@@ -163,5 +163,6 @@ def checkpoint_report(path: str, eps, mode: str = "mdlgrok") -> str:
     if mode == "mdlgrok":
         lines.append(f"choices at eps {results[-1].eps:g}: " + ", ".join(
             f"{c['name']}={c['kind']}" + (f"(k={c['rank']})" if c["kind"] == "lowrank" else "")
-            + (f"[{c['rows']} rows read]" if c.get("rows") else "") for c in results[-1].choices if c["kind"] != "raw"))
+            + (f"[{c['rows']} rows read]" if c.get("rows") else "")
+            + (f"[Fourier {c['fourier']}]" if c.get("fourier") else "") for c in results[-1].choices if c["kind"] != "raw"))
     return "\n".join(lines)
