@@ -177,14 +177,19 @@ def to_fourier(x: np.ndarray, f: int) -> np.ndarray:
     return np.concatenate([fourier_basis(f) @ x[:f], x[f:]])
 
 
+def round_rows(t: Target, x: np.ndarray, js, chunk: int = 16) -> np.ndarray:
+    """Integer codes of matrix x (t's matrix or its factor B) on every bin in js: (len(js), m, n);
+    rounded to nearest, or with error feedback in the H-norm where t.h is known (chunks of bins)."""
+    if t.h is None:
+        return np.stack([quantize(x, j) for j in js])
+    return np.concatenate([gptq_codes(x, js[i:i + chunk], t.whitened()[4]) for i in range(0, len(js), chunk)])
+
+
 def dense_codes(t: Target, j: int, fourier: int = 0) -> np.ndarray:
     """Flat integer codes of the coded part of t on bin j, its first `fourier` rows as Fourier
     coefficients (with error feedback where t.h is known: an orthonormal map of the rows keeps
     the H-norm, so the rows are rounded after it)."""
-    w = to_fourier(t.w.reshape(matrix_shape(t.coded_shape)), fourier)
-    if t.h is None:
-        return quantize(w, j).reshape(-1)
-    return gptq_codes(w, [j], t.whitened()[4])[0].reshape(-1)
+    return round_rows(t, to_fourier(t.w.reshape(matrix_shape(t.coded_shape)), fourier), [j])[0].reshape(-1)
 
 
 def zero_entry(t: Target) -> Entry:
@@ -210,8 +215,7 @@ def factors(t: Target, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def factor_codes(t: Target, a: np.ndarray, b: np.ndarray, ja: int, jb: int) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes of the factors: A rounded, B with error feedback where t.h is known."""
-    qb = quantize(b, jb) if t.h is None else gptq_codes(b, [jb], t.whitened()[4])[0]
-    return quantize(a, ja), qb
+    return quantize(a, ja), round_rows(t, b, [jb])[0]
 
 
 def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None, fourier: int = 0) -> Entry:

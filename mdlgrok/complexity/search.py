@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from mdlgrok.complexity.codecs import empirical_bits
-from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, gptq_codes, lowrank_entry, quantize,
-                                       raw_entry, to_fourier, zero_entry)
+from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, lowrank_entry, quantize, raw_entry,
+                                       round_rows, to_fourier, zero_entry)
 from mdlgrok.complexity.payload import Entry, bin_width, entry_tensor, matrix_shape
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
@@ -80,7 +80,7 @@ class LossOracle:
 class Option:
     kind: str  # zero | dense | lowrank
     bits: float  # estimated
-    err: float  # squared error |W - W_hat|_F^2
+    err: float  # squared error |W - W_hat|^2 (Frobenius, or the H-norm where the target's moments are known)
     j: int = 0
     k: int = 0
     fourier: int = 0  # leading rows (of the matrix, or of A) coded as Fourier coefficients
@@ -116,15 +116,12 @@ def _dense_options(t: Target) -> list[Option]:
     return out
 
 
-def _rounded(t: Target, x: np.ndarray, js: list[int], chunk: int = 16):
-    """Codes of matrix x for every bin in js, and each row's squared error (in t's H-norm where
-    t.h is known): ((len(js), m, n) codes, (len(js), m) errors). x is t's matrix or its B factor."""
+def _rounded(t: Target, x: np.ndarray, js: list[int]):
+    """Codes of matrix x for every bin in js (coarse.round_rows), and each row's squared error
+    (in t's H-norm where t.h is known): ((len(js), m, n) codes, (len(js), m) errors)."""
     if not js:
         return np.zeros((0, *x.shape), np.int64), np.zeros((0, len(x)))
-    if t.h is None:
-        codes = np.stack([quantize(x, j) for j in js])
-    else:
-        codes = np.concatenate([gptq_codes(x, js[i:i + chunk], t.whitened()[4]) for i in range(0, len(js), chunk)])
+    codes = round_rows(t, x, js)
     d = codes * np.array([bin_width(j) for j in js])[:, None, None] - x
     return codes, (d**2).sum(2) if t.h is None else ((d @ t.h) * d).sum(2)
 
@@ -222,7 +219,6 @@ def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Gener
     return max(curv, 0.0) / norm2 if math.isfinite(curv) else 1e6 / norm2
 
 
-
 Choice = tuple[tuple[int, ...], tuple[int, ...]]  # (hull index, bin shift) per quantizable tensor
 
 
@@ -240,7 +236,7 @@ class Search:
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
         self.cache: dict[Choice, float] = {}
         self.last_shift: tuple[int, ...] = ()  # the latest calibration (see best)
-        self.tensors: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, hull index) -> decoded tensor
+        self.tensors: dict[tuple[int, int, int], torch.Tensor] = {}  # (tensor, hull index, shift) -> decoded
 
     def _path(self, sens: list[float]) -> list[tuple[int, ...]]:
         """Configurations (hull index per tensor) from the finest to the coarsest."""
