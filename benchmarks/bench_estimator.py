@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mdlgrok.complexity import PAPER_EPS, estimate
-from mdlgrok.measure import closures, model_from_checkpoint
-from mdlgrok.results import RunDir, checkpoint_epoch, write_table
+from mdlgrok.complexity import PAPER_EPS, VERSION, estimate, paper_estimate
+from mdlgrok.measures.complexity import closures
+from mdlgrok.runs import RunDir, checkpoint_epoch, model_from_checkpoint, write_table
 
 PAPER_CODE_SECONDS = 333.0
 
@@ -28,15 +28,15 @@ def bench_checkpoint(path: Path, eps) -> list[dict]:
     model, data, epoch, _ = model_from_checkpoint(path)
     loss_fn, _ = closures(data)
     rows = []
-    for mode in ("mdlgrok", "paper"):
+    for mode, search in (("mdlgrok", estimate), ("paper", paper_estimate)):
         start = time.perf_counter()
-        results = estimate(model, loss_fn, eps, mode=mode)
+        results = search(model, loss_fn, eps)
         seconds = time.perf_counter() - start
         evals = sum(r.loss_evals for r in results) if mode == "paper" else results[0].loss_evals
         for r in results:
             rows.append({"epoch": epoch, "mode": mode, "eps": r.eps, "bytes": r.bits // 8, "coarse_loss": r.coarse_loss,
                          "base_loss": r.base_loss, "naive_bytes": r.naive_bits // 8, "seconds_all_eps": seconds,
-                         "loss_evals_all_eps": evals})
+                         "loss_evals_all_eps": evals, "estimator_version": VERSION if mode == "mdlgrok" else ""})
     return rows
 
 

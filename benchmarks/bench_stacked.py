@@ -5,7 +5,7 @@
 
 One stacked step trains all N models (different seeds, per-model noise and spectral penalty) on
 a 512-example minibatch each; model-steps/s = N * steps/s. Ratios are against N = 1 stacked,
-measured in the same run (and, on CPU, the plain Trainer step of bench_train.py is shown too).
+measured in the same run (and, on CPU, the single engine's step of bench_train.py is shown too).
 The issue's aim on a GPU: 64 models at more than 20x the model-steps per second of one.
 """
 
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from mdlgrok.stacked import StackedTrainer
-from mdlgrok.train import TrainConfig
+from mdlgrok.config import TrainConfig
+from mdlgrok.training.stacked import StackedEngine
 
 
 def sync(device: torch.device) -> None:
@@ -28,14 +28,14 @@ def sync(device: torch.device) -> None:
 def ms_per_stacked_step(n: int, preset: str, steps: int, device: torch.device, warmup: int = 3,
                         exact_noise: bool | None = None, batch: int = 512) -> float:
     configs = [TrainConfig(task="add", p=113, preset=preset, epochs=1, batch=batch, seed=s) for s in range(n)]
-    st = StackedTrainer(configs, device=device, exact_noise=exact_noise)
+    st = StackedEngine(configs, device=device, exact_noise=exact_noise)
     idx = torch.arange(batch, device=device).expand(n, batch)  # the first 512 examples of each model's split
     for _ in range(warmup):
-        st.step(idx)
+        st.train_step(idx)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        st.step(idx)
+        st.train_step(idx)
     sync(device)
     return 1000 * (time.perf_counter() - start) / steps
 

@@ -17,7 +17,8 @@ import time
 import torch
 
 from mdlgrok.sweep import run_sweep
-from mdlgrok.train import TrainConfig, train
+from mdlgrok.config import TrainConfig
+from mdlgrok.training import train
 
 
 def experiment(epochs: int, runs: int) -> dict:

@@ -4,7 +4,7 @@
 
 Reference: the paper's own JAX code, run on 2 CPU cores, takes 25 ms per step without
 regularizers and 83 ms with "ours" (DESIGN.md sec. 2); the ratios below are against those.
-Where torch sees a GPU, one model is also timed there (a stack of one, mdlgrok.stacked, the
+Where torch sees a GPU, one model is also timed there (a stack of one, training/stacked.py, the
 GPU training path) against the CPU step measured in the same run.
 """
 
@@ -15,34 +15,21 @@ import time
 
 import torch
 
-from mdlgrok.results import RunDir
-from mdlgrok.train import Trainer, TrainConfig, cross_entropy, mean_spectral_entropy
+from mdlgrok.config import TrainConfig
+from mdlgrok.training.single import SingleEngine
 
 PAPER_MS = {"none": 25.0, "ours": 83.0}
 
 
 def ms_per_step(preset: str, steps: int, batch: int = 512) -> float:
-    trainer = Trainer(TrainConfig(task="add", p=113, preset=preset, epochs=1, batch=batch), RunDir("/nonexistent"))
-    x, y = trainer.data.x_train[:batch], trainer.data.y_train[:batch]
-    model, opt, noise, gamma = trainer.model, trainer.opt, trainer.noise, trainer.cfg.gamma
-
-    def step():
-        if noise:
-            noise.add()
-        loss = cross_entropy(model(x), y)
-        if gamma:
-            loss = loss + gamma * mean_spectral_entropy(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if noise:
-            noise.remove()
-        opt.step()
-
+    """The single engine's own train_step (noise, loss, penalty, backward, AdamW) on one minibatch."""
+    engine = SingleEngine(TrainConfig(task="add", p=113, preset=preset, epochs=1, batch=batch))
+    idx = torch.arange(batch)
     for _ in range(5):
-        step()
+        engine.train_step(idx)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        engine.train_step(idx)
     return 1000 * (time.perf_counter() - start) / steps
 
 
@@ -51,11 +38,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 512, 1-block transformer p=113")
-    print(f"{'preset':8} {'ms/step':>8} {'steps/s':>8} {'paper ms':>9} {'speed-up':>9}")
+    print(f"{'preset':8} {'ms/step':>8} {'steps/s':>8} {'paper ms':>9} {'speed-up':>9} {'vs none':>8}")
     cpu = {}
     for preset in ("none", "ours"):
         ms = cpu[preset] = ms_per_step(preset, args.steps)
-        print(f"{preset:8} {ms:8.1f} {1000 / ms:8.1f} {PAPER_MS[preset]:9.1f} {PAPER_MS[preset] / ms:8.2f}x")
+        print(f"{preset:8} {ms:8.1f} {1000 / ms:8.1f} {PAPER_MS[preset]:9.1f} {PAPER_MS[preset] / ms:8.2f}x "
+              f"{ms / cpu['none']:7.2f}x")
     if torch.cuda.is_available():
         from bench_stacked import ms_per_stacked_step
 

@@ -1,15 +1,17 @@
 """The `mdlgrok` command.
 
     mdlgrok train --task add --p 113 --preset ours --epochs 600 --seed 0 --out runs/add [--measure]
-    mdlgrok measure runs/add --jobs 2
+    mdlgrok measure runs/add --jobs 2 [--eps 0.5] [--estimator paper] [--measures complexity norms]
     mdlgrok complexity runs/add/checkpoints/epoch_000417.pt --eps 1 0.5
     mdlgrok summary runs/add --plot runs/add/rise_and_fall.png
     mdlgrok figures --results results
     mdlgrok sweep experiments/rise_and_fall.toml --jobs 2 [--length cpu|paper] [--dry-run]
-    mdlgrok sweep experiments/rise_and_fall.toml --executor slurm --slurm-partition cpu --slurm-time 240
-    mdlgrok sweep experiments/rise_and_fall.toml --measure-only [--remeasure] --jobs 2
+    mdlgrok sweep experiments/rise_and_fall.toml --measure-only [--again] --jobs 2
+    mdlgrok convert runs/old-run        # an older run folder (or a sweep root) to the current layout
 
-Bad input prints one line on stderr and exits with status 2; a failed run exits with 1.
+The flags of train come from TrainConfig's fields and the measure flags from MeasureConfig's
+(mdlgrok/config.py). Bad input prints one line on stderr and exits with status 2; a failed
+run exits with 1.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mdlgrok.train import PAPER_EPS, TrainConfig, TrainingFailed
+from mdlgrok.config import MeasureConfig, TrainConfig, add_arguments, from_arguments
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,41 +29,25 @@ class Parser(argparse.ArgumentParser):
 
 def _train_args(sub) -> None:
     p = sub.add_parser("train", help="train one run into a run folder")
-    p.add_argument("--task", default="add", help="add, sub, mul, div, sq (a^2+b^2), quad (a^2+ab+b^2)")
-    p.add_argument("--p", type=int, default=113, help="modulus")
-    p.add_argument("--frac", type=float, help="train fraction (default: the paper's for the task)")
-    p.add_argument("--model", default="transformer", help="transformer or mlp")
-    p.add_argument("--layers", type=int, help="transformer blocks (default: 2 for sub/div, else 1)")
-    p.add_argument("--attention", default="paper", help="paper (sum of values, as the paper ran) or softmax")
-    p.add_argument("--pos-rows", type=int, help="positional table rows (default p+2 as the paper; 4 suffices)")
-    p.add_argument("--preset", default="ours", help="none, wd or ours")
-    p.add_argument("--wd", type=float, help="weight decay (overrides the preset)")
-    p.add_argument("--gamma", type=float, help="spectral-entropy weight (overrides the preset)")
-    p.add_argument("--sigma", type=float, help="noise scale (overrides the preset)")
-    p.add_argument("--noise", default="gaussian", help="gaussian (sigma = std, the paper) or uniform (sigma = bin)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch", type=int, help="minibatch (default min(512, N//2); 0 = full batch)")
-    p.add_argument("--epochs", type=int, default=10_000)
-    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p, TrainConfig)
     p.add_argument("--out", help="run folder (default runs/<task>-p<p>-<preset>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--measure", action="store_true", help="measure complexity at every checkpoint")
-    p.add_argument("--eps", type=float, nargs="+", default=list(PAPER_EPS), help="tolerances in nats for --measure")
+    p.add_argument("--measure", action="store_true", help="then measure every checkpoint (the measure stage)")
+    add_arguments(p, MeasureConfig)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _measure_args(sub) -> None:
-    p = sub.add_parser("measure", help="measure the complexity of every checkpoint of a run")
+    p = sub.add_parser("measure", help="measure the checkpoints of a run into its measures.parquet")
     p.add_argument("run", help="run folder")
-    p.add_argument("--eps", type=float, nargs="+", default=list(PAPER_EPS), help="tolerances in nats")
+    add_arguments(p, MeasureConfig)
     p.add_argument("--jobs", type=int, default=1, help="parallel processes")
-    p.add_argument("--mode", default="mdlgrok", help="mdlgrok (default) or paper (the paper's search)")
+    p.add_argument("--again", action="store_true", help="measure every checkpoint, also those measured already")
     p.add_argument("--quiet", action="store_true")
 
     c = sub.add_parser("complexity", help="print a complexity report for one checkpoint")
     c.add_argument("checkpoint")
-    c.add_argument("--eps", type=float, nargs="+", default=list(PAPER_EPS), help="tolerances in nats")
-    c.add_argument("--mode", default="mdlgrok", help="mdlgrok (default) or paper")
+    add_arguments(c, MeasureConfig, skip=("measures",))
 
     s = sub.add_parser("summary", help="summarize a run: grokking epochs, accuracies, complexity")
     s.add_argument("run", help="run folder")
@@ -69,6 +55,10 @@ def _measure_args(sub) -> None:
 
     f = sub.add_parser("figures", help="redraw every figure from the saved tables under results/")
     f.add_argument("--results", default="results", help="folder of experiment tables")
+
+    v = sub.add_parser("convert", help="convert an older run folder, experiment folder or sweep root")
+    v.add_argument("path")
+    v.add_argument("--estimator-version", default="unknown", help="the version to record on moved measure rows")
 
 
 def _sweep_args(sub) -> None:
@@ -88,17 +78,17 @@ def _sweep_args(sub) -> None:
                    help="minutes per job (default 240); a job that reaches it is requeued and resumes")
     w.add_argument("--slurm-cpus", type=int, default=4, help="cpus per job, also its torch threads (default 4)")
     w.add_argument("--measure-only", action="store_true",
-                   help="train nothing: measure the complexity of the complete runs that lack it, then gather")
+                   help="train nothing: measure the complete runs' checkpoints that lack rows, then gather")
+    w.add_argument("--again", action="store_true", help="with --measure-only: measure every complete run again")
+    add_arguments(w, MeasureConfig)
     w.add_argument("--no-share", action="store_true",
                    help="train a run even when the same config is complete in another experiment under --root "
                         "(default: link to it)")
     w.add_argument("--device", default="auto", help="auto (default: cuda when torch sees a GPU), cpu or cuda")
     w.add_argument("--stack", default="auto", choices=["auto", "on", "off"],
-                   help="train runs of one architecture together as stacks (mdlgrok.stacked): auto (default) "
+                   help="train runs of one architecture together as stacks (training/stacked.py): auto (default) "
                         "stacks on a GPU, where it pays, and runs one process per run on CPU")
     w.add_argument("--stack-size", type=int, default=64, help="most runs per stack (default 64)")
-    w.add_argument("--remeasure", action="store_true", help="with --measure-only: measure every complete run again")
-    w.add_argument("--mode", default="mdlgrok", help="with --measure-only: estimator, mdlgrok (default) or paper")
 
 
 def parser() -> Parser:
@@ -110,51 +100,72 @@ def parser() -> Parser:
     return ap
 
 
+def _measure_given(a) -> bool:
+    return any(getattr(a, f, None) is not None for f in ("eps", "estimator", "measures"))
+
+
 def cmd_train(a) -> int:
-    from mdlgrok.train import train
+    from mdlgrok.training import train
 
-    cfg = TrainConfig(task=a.task, p=a.p, frac=a.frac, model=a.model, layers=a.layers, attention=a.attention,
-                      pos_rows=a.pos_rows, preset=a.preset, wd=a.wd, gamma=a.gamma, sigma=a.sigma,
-                      noise=a.noise, lr=a.lr, batch=a.batch, epochs=a.epochs, seed=a.seed,
-                      measure=a.measure, eps=tuple(a.eps))
+    cfg = from_arguments(TrainConfig, a)
+    mcfg = from_arguments(MeasureConfig, a)
+    if _measure_given(a) and not a.measure:
+        raise ValueError("--eps, --estimator and --measures go with --measure")
     out = a.out or f"runs/{cfg.task}-p{cfg.p}-{cfg.preset}-s{cfg.seed}"
-    measure_fn = None
-    if cfg.measure:
-        from mdlgrok.measure import measure_trainer
+    hook = None
+    if a.measure:
+        from mdlgrok.measure import checkpoint_hook
 
-        measure_fn = lambda trainer: measure_trainer(trainer, cfg.eps)  # noqa: E731
-    train(cfg, out, resume=a.resume, progress=not a.quiet, measure_fn=measure_fn)
+        hook = checkpoint_hook(mcfg)
+    train(cfg, out, resume=a.resume, progress=not a.quiet, on_checkpoint=hook)
+    if a.measure:  # checkpoints written before a resume, measured now through the same stage
+        from mdlgrok.measure import measure_run
+
+        measure_run(out, mcfg, progress=not a.quiet)
     print(f"run complete: {out}")
     return 0
 
 
 def cmd_measure(a) -> int:
     from mdlgrok.measure import measure_run
-    from mdlgrok.results import RunDir
+    from mdlgrok.runs import RunDir
 
-    table = measure_run(a.run, eps=a.eps, jobs=a.jobs, mode=a.mode, progress=not a.quiet)
-    print(f"measured {table.epoch.nunique()} checkpoints of {a.run} into {RunDir(a.run).metrics}")
+    new = measure_run(a.run, from_arguments(MeasureConfig, a), jobs=a.jobs, again=a.again, progress=not a.quiet)
+    print(f"measured {new.epoch.nunique()} checkpoints of {a.run} into {RunDir(a.run).measures}")
     return 0
 
 
 def cmd_complexity(a) -> int:
     from mdlgrok.measure import checkpoint_report
 
-    print(checkpoint_report(a.checkpoint, eps=a.eps, mode=a.mode))
+    print(checkpoint_report(a.checkpoint, from_arguments(MeasureConfig, a)))
     return 0
 
 
 def cmd_summary(a) -> int:
-    from mdlgrok.summary import summarize
+    from mdlgrok.analysis import summarize
+    from mdlgrok.runs import RunDir
 
-    print(summarize(a.run, plot=a.plot))
+    run = RunDir(a.run)
+    table = run.read_all()
+    if table.empty:
+        raise FileNotFoundError(f"{a.run} holds no metrics.parquet")
+    lines = [summarize(table, run.read_status(), str(run.path))]
+    if a.plot:
+        from mdlgrok.analysis import estimator_rows
+        from mdlgrok.plots import rise_and_fall
+
+        files = rise_and_fall(estimator_rows(table), a.plot, title=run.run_id)
+        lines.append("figure: " + ", ".join(str(f) for f in files))
+    lines.append(f"results: {run.metrics}, {run.measures} (pandas.read_parquet), checkpoints in {run.ckpt_dir}")
+    print("\n".join(lines))
     return 0
 
 
 def cmd_sweep(a) -> int:
-    from mdlgrok.sweep import command
+    from mdlgrok.sweep.command import command
 
-    return command(a)
+    return command(a, from_arguments(MeasureConfig, a) if _measure_given(a) else None)
 
 
 def cmd_figures(a) -> int:
@@ -165,11 +176,21 @@ def cmd_figures(a) -> int:
     return 0
 
 
+def cmd_convert(a) -> int:
+    from mdlgrok.sweep.command import convert_folder
+
+    lines = convert_folder(a.path, a.estimator_version)
+    print("\n".join(lines) if lines else f"{a.path}: nothing to convert")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "measure": cmd_measure, "complexity": cmd_complexity, "summary": cmd_summary,
-            "sweep": cmd_sweep, "figures": cmd_figures}
+            "sweep": cmd_sweep, "figures": cmd_figures, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mdlgrok.training import TrainingFailed
+
     args = parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -36,8 +36,6 @@ def rise_and_fall(table: pd.DataFrame, path: str | Path, eps: float = 0.5, hue: 
     sns.lineplot(acc, x="epoch", y="value", hue=hue, style="metric", errorbar=("pi", 100), ax=ax_acc)
     ax_acc.set(ylabel="accuracy", xscale="log", title=title)
     comp = table[(table.metric == "complexity_bits") & (table.eps == eps)].assign(kB=lambda d: d.value / 8e3)
-    if "estimator" in comp:
-        comp = comp[comp.estimator.isin(["mdlgrok", ""])]
     if len(comp):
         sns.lineplot(comp, x="epoch", y="kB", hue=hue, errorbar=("pi", 100), marker="o", ax=ax_c)
     ax_c.set(ylabel=f"complexity at eps={eps:g} (kB)", xlabel="epoch", xscale="log")
@@ -55,14 +53,13 @@ def complexity_by_eps(table: pd.DataFrame, path: str | Path, title: str = "") ->
 
 
 def final_by_eps(final: pd.DataFrame, path: str | Path, hue: str | None = None) -> list[Path]:
-    """At the last epoch: complexity (kB) and compression ratio against eps, log-log."""
+    """At the last epoch: complexity (kB) and compression ratio against eps, log-log (rows of one estimator)."""
     sns.set_theme(style="whitegrid", context="paper")
     fig, (ax_c, ax_r) = plt.subplots(1, 2, figsize=(9, 3.5))
-    mine = final[final.estimator == "mdlgrok"]
-    comp = mine[mine.metric == "complexity_bits"].assign(kB=lambda d: d.value / 8e3)
+    comp = final[final.metric == "complexity_bits"].assign(kB=lambda d: d.value / 8e3)
     sns.lineplot(comp, x="eps", y="kB", hue=hue, style="task", marker="o", errorbar=("pi", 100), ax=ax_c)
     ax_c.set(xscale="log", yscale="log", xlabel="eps (nats)", ylabel="complexity (kB)")
-    ratio = mine[mine.metric == "compression_ratio"]
+    ratio = final[final.metric == "compression_ratio"]
     sns.lineplot(ratio, x="eps", y="value", hue=hue, style="task", marker="o", errorbar=("pi", 100), ax=ax_r)
     ax_r.set(xscale="log", xlabel="eps (nats)", ylabel="naive / complexity")
     return save(fig, path)
@@ -79,7 +76,7 @@ def estimator_comparison(bench: pd.DataFrame, path: str | Path) -> list[Path]:
 
 def settings_summary(summary: pd.DataFrame, path: str | Path) -> list[Path]:
     """Per setting and task, points per seed: final complexity, grokking epoch, final test
-    accuracy and total description length at the end of training (figures.run_summary)."""
+    accuracy and total description length at the end of training (analysis.run_summary)."""
     sns.set_theme(style="whitegrid", context="paper")
     panels = [("final_bytes", "final complexity (B)"), ("grokking_epoch", "grokking epoch"),
               ("final_test_acc", "final test accuracy"), ("total_bits", "model + data bits, end")]

@@ -42,38 +42,69 @@ def preset(name: str, task: str) -> RegConfig:
     raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
 
 
-def weight_matrices(model: nn.Module) -> list[torch.Tensor]:
-    """Every parameter with two or more dimensions (embeddings included), as a 2-D matrix."""
-    return [p.reshape(p.shape[0], -1) for p in model.parameters() if p.ndim >= 2]
+def weight_matrices(params, batch_dims: int = 0) -> list[torch.Tensor]:
+    """Every parameter with two or more dimensions (embeddings included), as a 2-D matrix; `params`
+    is a module or an iterable of tensors, whose first `batch_dims` axes (stacked models) are kept."""
+    params = params.parameters() if isinstance(params, nn.Module) else params
+    return [p.reshape(*p.shape[:batch_dims + 1], -1) for p in params if p.ndim >= 2 + batch_dims]
+
+
+class _GramSingularValues(torch.autograd.Function):
+    """Singular values of a batch of Gram matrices' square roots, with the gradient of the SVD.
+
+    Forward: s_i = sqrt(eig_i(G)) with G = W^T W (or W W^T, the smaller), in float64: the Gram
+    squares the condition number, and in float32 its rounding would put a floor of
+    ~3e-4 * s_max under the small singular values that the penalty pushes down.
+    Backward: "gradients through singular values only", dL/dW = U diag(dL/ds) V^T, and with
+    U S = W V (tall W) that is W V diag(g / s) V^T: one eigendecomposition serves both passes,
+    and no eigenvector derivative or Gram backward is formed.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, tall: bool) -> torch.Tensor:
+        wd = w.double()
+        gram = wd.mT @ wd if tall else wd @ wd.mT
+        # Non-finite weights (a diverged run) give NaN singular values, so that the loss turns
+        # NaN and the run is stopped cleanly, instead of eigh raising a LinAlgError.
+        finite = torch.isfinite(gram).all(dim=(-2, -1), keepdim=True)
+        eig, vecs = torch.linalg.eigh(torch.where(finite, gram, 0.0))
+        s = eig.masked_fill(~finite[..., 0], float("nan")).clamp_min(0).add(1e-30).sqrt()
+        ctx.save_for_backward(wd, vecs, s)
+        ctx.tall = tall
+        return s.flip(-1).to(w.dtype)  # descending, like svdvals
+
+    @staticmethod
+    def backward(ctx, grad_s: torch.Tensor):
+        wd, vecs, s = ctx.saved_tensors
+        scale = grad_s.flip(-1).double() / s
+        if ctx.tall:  # W V = U S
+            grad = ((wd @ vecs) * scale[..., None, :]) @ vecs.mT
+        else:  # V^T W = S U^T with V the eigenvectors of W W^T (the left singular vectors)
+            grad = vecs @ (scale[..., :, None] * (vecs.mT @ wd))
+        return grad.to(grad_s.dtype), None
 
 
 def singular_values(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Singular values of each matrix (..., m, n), from the eigenvalues of its smaller Gram matrix.
+    """Singular values of each matrix (..., m, n), descending, from its smaller Gram matrix.
 
-    s_i = sqrt(eig_i(W^T W)) (or W W^T, whichever is smaller). Matrices whose Gram matrices
-    share a size are stacked into one batched ``eigvalsh``, far cheaper than one SVD each;
-    leading dimensions (stacked models) are batched too. Gradients flow through the
-    eigenvalues only.
+    Matrices whose Gram matrices share a size and orientation are stacked into one batched
+    ``eigh``, far cheaper than one SVD each; leading dimensions (stacked models) are batched
+    too. Gradients flow through the singular values only.
     """
-    groups: dict[int, list[int]] = defaultdict(list)
-    grams = []
+    groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
     for i, w in enumerate(matrices):
-        # float64: the Gram squares the condition number, and in float32 its rounding would put a
-        # floor of ~3e-4 * s_max under the small singular values that the penalty pushes down.
-        w = w.double()
-        gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
-        grams.append(gram)
-        groups[gram.shape[-1]].append(i)
+        tall = w.shape[-2] >= w.shape[-1]
+        groups[(min(w.shape[-2:]), tall)].append(i)
     out: list[torch.Tensor] = [None] * len(matrices)  # type: ignore[list-item]
-    for idx in groups.values():
-        stacked = torch.stack([grams[i] for i in idx])
-        # Non-finite weights (a diverged run) give NaN singular values, so that the loss turns
-        # NaN and the run is stopped cleanly, instead of eigvalsh raising a LinAlgError.
-        finite = torch.isfinite(stacked).all(dim=(-2, -1), keepdim=True)
-        eig = torch.linalg.eigvalsh(torch.where(finite, stacked, 0.0)).masked_fill(~finite[..., 0], float("nan"))
-        s = eig.clamp_min(0).add(1e-30).sqrt().to(matrices[0].dtype)
-        for row, i in enumerate(idx):
-            out[i] = s[row].flip(-1)  # descending, like svdvals
+    for (_, tall), idx in groups.items():
+        same_shape = len({matrices[i].shape for i in idx}) == 1
+        if same_shape:
+            s = _GramSingularValues.apply(torch.stack([matrices[i] for i in idx]), tall)
+            for row, i in enumerate(idx):
+                out[i] = s[row]
+        else:
+            for i in idx:
+                out[i] = _GramSingularValues.apply(matrices[i], tall)
     return out
 
 
@@ -84,22 +115,33 @@ def spectral_entropy(s: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
 
 
-def mean_spectral_entropy(model: nn.Module) -> torch.Tensor:
-    """Mean over all weight matrices of H(W), in nats: the paper's penalty before gamma."""
-    return torch.stack([spectral_entropy(s) for s in singular_values(weight_matrices(model))]).mean()
+def mean_spectral_entropy(params, batch_dims: int = 0) -> torch.Tensor:
+    """Mean over all weight matrices of H(W), in nats: the paper's penalty before gamma.
+    A module or tensors; with batch_dims=1 (stacked models) one value per model."""
+    mats = weight_matrices(params, batch_dims)
+    return torch.stack([spectral_entropy(s) for s in singular_values(mats)], dim=-1).mean(-1)
 
 
 @torch.no_grad()
-def effective_ranks(model: nn.Module) -> list[float]:
-    """exp(H(W)) of every weight matrix, computed with exact SVDs."""
-    return [float(spectral_entropy(torch.linalg.svdvals(w)).exp()) for w in weight_matrices(model)]
+def effective_ranks(params, batch_dims: int = 0) -> list[torch.Tensor]:
+    """exp(H(W)) of every weight matrix, computed with exact SVDs (non-finite weights count as 0)."""
+    mats = [torch.where(w.isfinite(), w, 0.0) for w in weight_matrices(params, batch_dims)]
+    return [spectral_entropy(torch.linalg.svdvals(w)).exp() for w in mats]
+
+
+def draw_noise(shape, sigma: float, kind: str, generator: torch.Generator, dtype: torch.dtype,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """Quantization noise of one tensor: N(0, sigma^2) ("gaussian": sigma is a std; the paper's
+    code calls it "variance"), or U[-sigma/2, sigma/2] ("uniform": the exact error of a quantizer
+    with bin sigma)."""
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device) * sigma
+    return (torch.rand(shape, generator=generator, dtype=dtype, device=device) - 0.5) * sigma
 
 
 class WeightNoise:
-    """Quantization noise: the loss and its gradient are taken at theta + noise, the update
-    applies to the clean theta. "gaussian": noise ~ N(0, sigma^2) (sigma is a std; the
-    paper's code calls it "variance"). "uniform": noise ~ U[-sigma/2, sigma/2], the exact
-    error of a quantizer with bin sigma."""
+    """Quantization noise: the loss and its gradient are taken at theta + noise (draw_noise),
+    the update applies to the clean theta."""
 
     def __init__(self, params: list[nn.Parameter], sigma: float, kind: str, generator: torch.Generator):
         self.params, self.sigma, self.kind, self.generator = params, sigma, kind, generator
@@ -109,11 +151,7 @@ class WeightNoise:
     def add(self) -> None:
         self.clean = [p.detach().clone() for p in self.params]
         for p in self.params:
-            if self.kind == "gaussian":
-                noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype) * self.sigma
-            else:
-                noise = (torch.rand(p.shape, generator=self.generator, dtype=p.dtype) - 0.5) * self.sigma
-            p.add_(noise.to(p.device))
+            p.add_(draw_noise(p.shape, self.sigma, self.kind, self.generator, p.dtype).to(p.device))
 
     @torch.no_grad()
     def remove(self) -> None:

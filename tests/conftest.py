@@ -9,7 +9,7 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from mdlgrok.train import TrainConfig
+from mdlgrok.config import TrainConfig
 
 # One intra-op thread. With two OpenMP threads on a 2-core machine, torch.linalg.eigvalsh (the
 # spectral penalty) intermittently stalls for seconds per call, turning a 2 s test into minutes;

@@ -42,7 +42,7 @@ class Result:
     choices: list[dict]  # per tensor: name, kind, rank, bins, rows (see choices_of)
     loss_evals: int  # loss calls of the whole search (shared by all eps)
     seconds: float  # wall time of the whole search (shared by all eps)
-    mode: str = "mdlgrok"
+    estimator: str = "mdlgrok"  # "mdlgrok" (estimate) or "paper" (paper_estimate)
     extra: dict[str, float] = field(default_factory=dict)  # eval_fn of the coarse model
 
     @property
@@ -118,26 +118,17 @@ def _reads_from(oracle: LossOracle, base: float, name: str, start: int) -> bool:
 
 
 def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float], eps=PAPER_EPS, *,
-             lowrank: bool = True, polish: bool = True, data_aware: bool = True, eval_fn: Callable | None = None, seed: int = 0,
-             mode: str = "mdlgrok", constraint_fn: Callable | None = None) -> list[Result]:
+             lowrank: bool = True, polish: bool = True, data_aware: bool = True, eval_fn: Callable | None = None,
+             seed: int = 0) -> list[Result]:
     """Complexity of `model` at every eps; one Result per eps, in the order given.
 
     loss_fn(module) -> mean training loss (nats) of that module. eval_fn(module) -> dict of
     extra metrics (test loss, accuracies) recorded for the coarse model. lowrank=False is
     the "quantization alone" baseline. data_aware=False measures every error in the plain
-    Frobenius norm (no input moments, no error feedback). mode="paper" runs the paper's procedure instead;
-    with it, constraint_fn(module) -> loss on one minibatch reproduces the paper's
-    last-minibatch check (the reported coarse loss is still loss_fn's).
+    Frobenius norm (no input moments, no error feedback). The paper's own procedure is
+    `paper_estimate`, with Results of the same shape.
     """
     eps = check_eps(eps)
-    if mode == "paper":
-        from mdlgrok.complexity.paper import paper_estimate
-
-        return paper_estimate(model, loss_fn, eps, eval_fn=eval_fn, seed=seed, constraint_fn=constraint_fn)
-    if mode != "mdlgrok":
-        raise ValueError(f"unknown estimator mode {mode!r}; choose mdlgrok or paper")
-    if constraint_fn is not None:
-        raise ValueError("constraint_fn is the paper-faithful minibatch check; use it with mode='paper'")
     start = time.perf_counter()
     oracle = LossOracle(model, loss_fn)
     base = base_loss(oracle)

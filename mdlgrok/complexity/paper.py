@@ -29,6 +29,7 @@ import torch
 from mdlgrok.complexity.coarse import paper_rank, rank_for_tau, targets_of
 from mdlgrok.complexity.payload import matrix_shape
 from mdlgrok.complexity.search import LossOracle
+from mdlgrok.complexity.estimate import PAPER_EPS
 
 INFEASIBLE_SCORE = -3e5  # the paper's flat score for a point violating the constraint
 PROBES = ({"tau": 1.0, "log_delta": -3.0}, {"tau": 0.5, "log_delta": -1.5})  # the 2 fixed probes
@@ -70,21 +71,27 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def decode_paper(payload: bytes, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Weights from a paper-mode payload (factors multiplied, reshaped to `shapes`)."""
+def decode_paper(payload: bytes, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """Weights from a paper payload (factors multiplied; reshaped to `shapes` where given, else
+    the matrix shape: pass the model's shapes for tensors of more than two dimensions). The
+    tensors it holds are those the paper coarse-grains; load with strict=False."""
     arrays = _ArrayUnpickler(io.BytesIO(bz2.decompress(payload))).load()
-    return {name: torch.from_numpy(_product(a).reshape(shapes[name])) for name, a in arrays.items()}
+    shapes = shapes or {}
+    return {name: torch.from_numpy(_product(a).reshape(shapes.get(name, _product(a).shape))) for name, a in arrays.items()}
 
 
 def _product(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] @ arrays[1] if len(arrays) == 2 else arrays[0]
 
 
-def paper_estimate(model: torch.nn.Module, loss_fn: Callable, eps: list[float], *, eval_fn=None, seed: int = 0,
+def paper_estimate(model: torch.nn.Module, loss_fn: Callable, eps=PAPER_EPS, *, eval_fn=None, seed: int = 0,
                    constraint_fn: Callable | None = None, rank_rule=paper_rank):
-    """One Bayesian-optimization search per eps, as the paper; Results like `estimate`."""
-    from mdlgrok.complexity.estimate import Result, base_loss, naive_bits
+    """The paper's procedure: one Bayesian-optimization search per eps; Results like `estimate`'s,
+    whose payloads `decode_paper` reads. constraint_fn(module) -> loss on one minibatch
+    reproduces the paper's last-minibatch check (the reported coarse loss is still loss_fn's)."""
+    from mdlgrok.complexity.estimate import Result, base_loss, check_eps, naive_bits
 
+    eps = check_eps(eps)
     oracle = LossOracle(model, loss_fn)
     base = base_loss(oracle)
     check = LossOracle(model, constraint_fn) if constraint_fn else None
@@ -115,9 +122,17 @@ def paper_estimate(model: torch.nn.Module, loss_fn: Callable, eps: list[float], 
             loss, tau, log_delta = oracle(decode_paper(payload, shapes)), 1.0, -math.inf
         extra = _paper_extra(eval_fn, oracle, payload, shapes)
         results.append(Result(e, 8 * len(payload), payload, "bz2-pickle", {"bz2-pickle": 8 * len(payload)}, naive,
-                              base, loss, [{"tau": tau, "delta": 10.0**log_delta}], oracle.calls - calls0,
+                              base, loss, paper_choices(payload, tau, 10.0**log_delta), oracle.calls - calls0,
                               time.perf_counter() - t0, "paper", extra))
     return results
+
+
+def paper_choices(payload: bytes, tau: float, delta: float) -> list[dict]:
+    """Per coded tensor, as estimate's choices: name, kind (lowrank or dense), rank, bins, and
+    the global tau of the search."""
+    arrays = _ArrayUnpickler(io.BytesIO(bz2.decompress(payload))).load()
+    return [{"name": name, "kind": "lowrank" if len(a) == 2 else "dense", "rank": a[0].shape[1] if len(a) == 2 else None,
+             "bins": [delta] * len(a), "rows": None, "fourier": None, "tau": tau} for name, a in arrays.items()]
 
 
 def _bayes_opt(objective: Callable[[float, float], float], seed: int) -> None:

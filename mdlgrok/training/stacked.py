@@ -6,33 +6,31 @@ tensor per parameter name with a leading model axis. One step is then one vmappe
 and backward (``torch.func.stack_module_state`` + ``functional_call`` + ``vmap``), one
 batched spectral penalty and one element-wise AdamW update for all N models.
 
-Each model sees exactly what its own ``train.Trainer`` would: its own seeded split, its own
+Each model sees exactly what its own single engine (training/single.py) would: its own seeded split, its own
 shuffle generator (seed + 1), its own noise generator (seed + 2, the same draws in the same
 order as ``WeightNoise``) and its own init (``torch.manual_seed(seed)`` then ``build_model``).
 On CPU the metrics equal N separate runs to float tolerance (tests/test_stacked.py).
 
-    from mdlgrok.stacked import train_stacked
-    frames = train_stacked([TrainConfig(task="add", seed=s, epochs=600) for s in range(8)])
+    from mdlgrok.training import train_runs
+    train_runs([TrainConfig(task="add", seed=s, epochs=600) for s in range(8)],
+               [f"runs/add-s{s}" for s in range(8)], engine="stacked")
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
-import time
 from dataclasses import dataclass
 
-import pandas as pd
 import torch
 from torch.func import functional_call, stack_module_state, vmap
-from torch.nn import functional as F
 
+from mdlgrok.config import TrainConfig
 from mdlgrok.models import build_model
-from mdlgrok.regularizers import singular_values, spectral_entropy
-from mdlgrok.results import RunDir, environment, row, rows_to_frame, save_checkpoint, write_json, write_table
-from mdlgrok.tasks import epoch_batches, make_dataset, paper_batch_size
-from mdlgrok.train import LOG_PROB_FLOOR, TrainConfig, log_epochs, resume_point
+from mdlgrok.regularizers import draw_noise, effective_ranks, mean_spectral_entropy
+from mdlgrok.tasks import epoch_batches, make_dataset
+from mdlgrok.training.objective import cross_entropy
+from mdlgrok.training.single import batch_size
 
 # Fields that must agree for models to share one stacked step: the architecture and the data
 # shapes (split sizes, batch sizes, number of steps). Everything else is per model.
@@ -117,33 +115,18 @@ class StackedAdamW:
                 p.copy_(torch.where(mask.view(-1, *([1] * (p.ndim - 1))), new, p))
 
 
-def stacked_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(N, B, V) logits, (N, B) targets -> (N,) mean clipped -ln p(y|x) in nats (train.cross_entropy per model)."""
-    logp = F.log_softmax(logits.float(), dim=-1).gather(2, y[..., None]).squeeze(2)
-    return -logp.clamp_min(LOG_PROB_FLOOR).mean(1)
-
-
-def stacked_spectral_entropy(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(N,) mean over weight matrices of H(W) per model: regularizers.mean_spectral_entropy on
-    stacked parameters (regularizers.singular_values batches over the model dimension)."""
-    mats = [w.reshape(w.shape[0], w.shape[1], -1) for w in params.values() if w.ndim >= 3]
-    return torch.stack([spectral_entropy(s) for s in singular_values(mats)], dim=1).mean(1)
-
-
 @dataclass
 class ModelState:
-    """Per-model bookkeeping of a stack: its config, data, generators and recorded rows."""
+    """Per-model bookkeeping of a stack: its config, data and generators."""
 
     cfg: TrainConfig
-    run_id: str
     data: object
     shuffle_gen: torch.Generator
     noise_gen: torch.Generator
-    failed: str = ""
 
 
-class StackedTrainer:
-    """N runs of one architecture trained in lockstep; model i behaves as Trainer(configs[i]).
+class StackedEngine:
+    """N runs of one architecture trained in lockstep; model i behaves as SingleEngine(configs[i]).
 
     device: where parameters and data live. exact_noise: draw each model's noise on its CPU
     generator, tensor by tensor, exactly as WeightNoise (the default on CPU); False draws one
@@ -151,22 +134,19 @@ class StackedTrainer:
     the CPU stream: the default off CPU, where the CPU draws and copies would dominate a step).
     """
 
-    def __init__(self, configs: list[TrainConfig], run_ids: list[str] | None = None, device: str | torch.device = "cpu",
+    def __init__(self, configs: list[TrainConfig], device: str | torch.device = "cpu",
                  exact_noise: bool | None = None):
         check_stackable(configs)
         self.configs = list(configs)
         self.device = torch.device(device)
         self.exact_noise = self.device.type == "cpu" if exact_noise is None else exact_noise
-        run_ids = run_ids or [f"stack{i}-seed{c.seed}" for i, c in enumerate(configs)]
-        if len(run_ids) != len(configs):
-            raise ValueError(f"{len(run_ids)} run ids for {len(configs)} configs")
         models, self.models_state = [], []
-        for cfg, rid in zip(configs, run_ids):
+        noise_dev = "cpu" if self.exact_noise else self.device
+        for cfg in configs:
             data = make_dataset(cfg.task_config())
-            torch.manual_seed(cfg.seed)  # the init of Trainer(cfg)
+            torch.manual_seed(cfg.seed)  # the init of SingleEngine(cfg)
             models.append(build_model(cfg.model_config()))
-            noise_dev = "cpu" if self.exact_noise else self.device
-            self.models_state.append(ModelState(cfg, rid, data, torch.Generator().manual_seed(cfg.seed + 1),
+            self.models_state.append(ModelState(cfg, data, torch.Generator().manual_seed(cfg.seed + 1),
                                                 torch.Generator(device=noise_dev).manual_seed(cfg.seed + 2)))
         params, buffers = stack_module_state(models)
         self.params = {k: v.detach().to(self.device).requires_grad_(True) for k, v in params.items()}
@@ -177,9 +157,7 @@ class StackedTrainer:
         d = [m.data for m in self.models_state]
         for name in ("x_train", "y_train", "x_test", "y_test"):  # (N, n, 4) tokens and (N, n) targets
             setattr(self, name, torch.stack([getattr(x, name) for x in d]).to(self.device))
-        n_train = self.x_train.shape[1]
-        first = configs[0]
-        self.batch = n_train if first.batch == 0 else (first.batch or paper_batch_size(n_train))
+        self.batch = batch_size(configs[0], self.x_train.shape[1])
         regs = [c.reg_config() for c in configs]
         self.gamma = torch.tensor([r.gamma for r in regs], device=self.device)
         self.sigma = [r.sigma for r in regs]
@@ -187,8 +165,8 @@ class StackedTrainer:
         self.opt = StackedAdamW(self.params, [c.lr for c in configs], [c.betas for c in configs],
                                 [c.adam_eps for c in configs], [r.wd for r in regs])
         self.active = torch.ones(self.n, dtype=torch.bool, device=self.device)
-        self.epoch, self.step_count = 0, 0
-        self.rows: list[list[dict]] = [[] for _ in configs]
+        self.epoch, self.step = 0, 0
+        self.grad_hook = None  # grad_hook(engine): after backward, before the optimizer step
 
     # ----- one step -------------------------------------------------------------------------
     def _noise(self) -> dict[str, torch.Tensor] | None:
@@ -198,26 +176,17 @@ class StackedTrainer:
         if self.exact_noise:
             draws: dict[str, list[torch.Tensor]] = {k: [] for k in self.params}
             for i, st in enumerate(self.models_state):
-                sigma, gen = self.sigma[i], st.noise_gen
                 for k, p in self.params.items():  # model.parameters() order, as WeightNoise
                     shape = p.shape[1:]
-                    if not sigma:
-                        draws[k].append(torch.zeros(shape, dtype=p.dtype))
-                    elif self.noise_kind[i] == "gaussian":
-                        draws[k].append(torch.randn(shape, generator=gen, dtype=p.dtype) * sigma)
-                    else:
-                        draws[k].append((torch.rand(shape, generator=gen, dtype=p.dtype) - 0.5) * sigma)
+                    draws[k].append(draw_noise(shape, self.sigma[i], self.noise_kind[i], st.noise_gen, p.dtype)
+                                    if self.sigma[i] else torch.zeros(shape, dtype=p.dtype))
             return {k: torch.stack(v).to(self.device) for k, v in draws.items()}
         sizes = [p[0].numel() for p in self.params.values()]
         dtype = next(iter(self.params.values())).dtype
         flat = torch.zeros(self.n, sum(sizes), dtype=dtype, device=self.device)
         for i, st in enumerate(self.models_state):
-            if not self.sigma[i]:
-                continue
-            if self.noise_kind[i] == "gaussian":
-                flat[i] = torch.randn(sum(sizes), generator=st.noise_gen, dtype=dtype, device=self.device) * self.sigma[i]
-            else:
-                flat[i] = (torch.rand(sum(sizes), generator=st.noise_gen, dtype=dtype, device=self.device) - 0.5) * self.sigma[i]
+            if self.sigma[i]:
+                flat[i] = draw_noise(sum(sizes), self.sigma[i], self.noise_kind[i], st.noise_gen, dtype, self.device)
         return {k: chunk.view(p.shape) for (k, p), chunk in zip(self.params.items(), flat.split(sizes, dim=1))}
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -233,54 +202,48 @@ class StackedTrainer:
         noise = self._noise()
         params = self.params if noise is None else {k: p + noise[k] for k, p in self.params.items()}
         rows = torch.arange(self.n, device=self.device)[:, None]
-        loss = stacked_cross_entropy(self.forward(params, self.x_train[rows, idx]), self.y_train[rows, idx])
+        loss = cross_entropy(self.forward(params, self.x_train[rows, idx]), self.y_train[rows, idx])
         use = self.gamma > 0
         if bool(use.all()):
             # "gamma * mean over all matrices of H(W)"
-            loss = loss + self.gamma * stacked_spectral_entropy(params)
+            loss = loss + self.gamma * mean_spectral_entropy(params.values(), batch_dims=1)
         elif bool(use.any()):
-            # only the models with a penalty compute it, as Trainer (which skips gamma == 0)
+            # only the models with a penalty compute it, as SingleEngine (which skips gamma == 0)
             sel = use.nonzero().squeeze(1)
-            penalty = self.gamma[sel] * stacked_spectral_entropy({k: v[sel] for k, v in params.items()})
+            penalty = self.gamma[sel] * mean_spectral_entropy([v[sel] for v in params.values()], batch_dims=1)
             loss = loss.index_add(0, sel, penalty)
         return loss
 
-    def step(self, idx: torch.Tensor) -> torch.Tensor:
+    def train_step(self, idx: torch.Tensor) -> torch.Tensor:
         """One optimizer step of every model on minibatches idx (N, B); returns the (N,) losses."""
         for p in self.params.values():
             p.grad = None
         loss = self.losses(idx)
         loss.sum().backward()  # model i's parameters receive only d loss_i
+        if self.grad_hook:
+            self.grad_hook(self)
         self.opt.step(self._masks())
-        self.step_count += 1
+        self.step += 1
         return loss.detach()
 
     def _masks(self) -> dict[str, torch.Tensor | None]:
-        """Which models update each parameter: all but the failed ones."""
+        """Which models update each parameter: all but the frozen (failed) ones."""
         all_active = bool(self.active.all())
         return {k: None if all_active else self.active for k in self.params}
 
-    def train_epoch(self) -> torch.Tensor:
-        """One pass over each model's own shuffled minibatches; (N,) sums of the batch losses."""
+    def train_epoch(self) -> list[float]:
+        """One pass over each model's own shuffled minibatches; the N sums of the batch losses."""
         n_train = self.x_train.shape[1]
         batches = [epoch_batches(n_train, self.batch, st.shuffle_gen) for st in self.models_state]
         total = torch.zeros(self.n, device=self.device)
         for parts in zip(*batches):
-            total += self.step(torch.stack(parts).to(self.device))
+            total += self.train_step(torch.stack(parts).to(self.device))
         self.epoch += 1
-        return total
+        return total.tolist()
 
-    def mark_failures(self, epoch_losses: torch.Tensor) -> list[int]:
-        """Mark the models whose epoch loss is NaN or infinite as failed (frozen from now on);
-        returns the ones newly failed."""
-        new = []
-        for i, value in enumerate(epoch_losses.tolist()):
-            ms = self.models_state[i]
-            if not ms.failed and not math.isfinite(value):
-                ms.failed = f"loss became {value} at epoch {self.epoch}"
-                self.active[i] = False
-                new.append(i)
-        return new
+    def freeze(self, i: int) -> None:
+        """Stop updating model i (it diverged); the others go on."""
+        self.active[i] = False
 
     # ----- models and metrics ---------------------------------------------------------------
     @torch.no_grad()
@@ -290,9 +253,12 @@ class StackedTrainer:
         m.load_state_dict({k: v[i].detach() for k, v in self.params.items()})
         return m
 
+    def data(self, i: int):
+        return self.models_state[i].data
+
     @torch.no_grad()
-    def metrics_all(self, chunk: int = 4096) -> list[dict[str, float]]:
-        """train.model_metrics of every model, batched over the stack without autograd: one
+    def metrics(self, chunk: int = 4096) -> list[dict[str, float]]:
+        """objective.model_metrics of every model, batched over the stack without autograd: one
         vmapped forward per chunk of examples, one batched spectral decomposition per shape."""
         out: dict[str, torch.Tensor] = {}
         for split in ("train", "test"):
@@ -301,30 +267,19 @@ class StackedTrainer:
             correct = torch.zeros(self.n, dtype=torch.int64, device=self.device)
             for xs, ys in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):
                 logits = self.forward(self.params, xs)
-                loss_sum += stacked_cross_entropy(logits, ys).double() * ys.shape[1]
+                loss_sum += cross_entropy(logits, ys).double() * ys.shape[1]
                 correct += (logits.argmax(-1) == ys).sum(1)
             out[f"{split}_loss"] = loss_sum / y.shape[1]
             out[f"{split}_acc"] = correct.double() / y.shape[1]
         out["weight_norm"] = sum(p.double().pow(2).flatten(1).sum(1) for p in self.params.values()).sqrt()
-        out["spectral_entropy"] = stacked_spectral_entropy(self.params)
-        mats = [w.reshape(w.shape[0], w.shape[1], -1) for w in self.params.values() if w.ndim >= 3]
-        mats = [torch.where(w.isfinite(), w, 0.0) for w in mats]  # a failed model's rows are not recorded
-        out["effective_rank"] = torch.stack([spectral_entropy(torch.linalg.svdvals(w)).exp() for w in mats], 1).mean(1)
-        values = {k: v.tolist() for k, v in out.items()}  # in train.model_metrics' order
+        out["spectral_entropy"] = mean_spectral_entropy(self.params.values(), batch_dims=1)
+        out["effective_rank"] = torch.stack(effective_ranks(self.params.values(), batch_dims=1), 1).mean(1)
+        values = {k: v.tolist() for k, v in out.items()}  # in objective.model_metrics' order
         return [{k: float(v[i]) for k, v in values.items()} for i in range(self.n)]
 
-    def record(self) -> None:
-        """Append the metric rows of every model that has not failed, as Trainer.record."""
-        for i, (st, metrics) in enumerate(zip(self.models_state, self.metrics_all())):
-            if not st.failed:
-                self.rows[i] += [row(st.run_id, self.epoch, self.step_count, k, v) for k, v in metrics.items()]
-
-    def frames(self) -> list[pd.DataFrame]:
-        return [rows_to_frame(r) for r in self.rows]
-
-    # ----- checkpoints: Trainer.state's format, so that either trainer resumes the other's runs
+    # ----- checkpoints: SingleEngine.state's format, so that either engine resumes the other's runs
     def state(self, i: int) -> dict:
-        """Model i's checkpoint, exactly as Trainer.state() writes it (model, torch AdamW state, rng)."""
+        """Model i's checkpoint, exactly as SingleEngine.state() writes it (model, torch AdamW state, rng)."""
         cfg = self.models_state[i].cfg
         model = self.model(i).cpu()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
@@ -337,16 +292,16 @@ class StackedTrainer:
         st = self.models_state[i]
         return {"model": model.state_dict(), "optimizer": opt.state_dict(),
                 "rng": {"shuffle": st.shuffle_gen.get_state(), "noise": st.noise_gen.get_state()},
-                "epoch": self.epoch, "step": self.step_count, "config": json.dumps(cfg.to_dict())}
+                "epoch": self.epoch, "step": self.step, "config": json.dumps(cfg.to_dict())}
 
     @torch.no_grad()
     def load_state(self, i: int, ckpt: dict) -> None:
-        """Restore model i from a checkpoint of Trainer.state() or state(); every model of a stack
-        resumes from the same epoch and step (the optimizer's step count is shared)."""
+        """Restore model i from a checkpoint of either engine; every model of a stack resumes from
+        the same epoch and step (the optimizer's step count is shared)."""
         epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-        if i and (epoch, step) != (self.epoch, self.step_count):
+        if i and (epoch, step) != (self.epoch, self.step):
             raise ValueError(f"model {i} resumes from epoch {epoch}, step {step}, the stack from "
-                             f"epoch {self.epoch}, step {self.step_count}: stack runs that stopped at the same epoch")
+                             f"epoch {self.epoch}, step {self.step}: stack runs that stopped at the same epoch")
         names = list(self.params)
         for k in names:
             self.params[k][i] = ckpt["model"][k].to(self.device)
@@ -362,68 +317,4 @@ class StackedTrainer:
         except RuntimeError as exc:
             raise ValueError(f"model {i}: its checkpoint's noise generator was not drawn on "
                              f"{st.noise_gen.device} ({exc}); resume it where it started") from None
-        self.epoch, self.step_count, self.opt.t = epoch, step, step
-
-
-def train_stacked(configs: list[TrainConfig], epochs: int | None = None, run_ids: list[str] | None = None,
-                  device: str | torch.device = "cpu", exact_noise: bool | None = None,
-                  trainer: StackedTrainer | None = None) -> list[pd.DataFrame]:
-    """Train the stack for `epochs` (default: the configs' shared epochs), recording metrics at
-    log_epochs(epochs) exactly as train.train would; one tidy table per config, in order.
-
-    A model whose epoch loss turns NaN or infinite is marked failed (trainer.models_state[i].failed),
-    frozen, and keeps the rows recorded before it, while the others carry on.
-    """
-    st = trainer or StackedTrainer(configs, run_ids, device, exact_noise)
-    epochs = st.configs[0].epochs if epochs is None else epochs
-    schedule = [e for e in log_epochs(epochs) if e > st.epoch]
-    while st.epoch < epochs:
-        st.mark_failures(st.train_epoch())
-        if schedule and st.epoch == schedule[0]:
-            schedule.pop(0)
-            st.record()
-    return st.frames()
-
-
-def train_runs(configs: list[TrainConfig], paths: list[str], device: str | torch.device = "cpu",
-               exact_noise: bool | None = None) -> list[dict]:
-    """train.train for N run folders at once, as one stack: each folder gets what its own
-    train(cfg, path, resume=True) writes (config, environment, metrics rows and checkpoints at
-    log_epochs, status), and a partial run resumes from its last checkpoint (every run of the
-    stack must have stopped at the same epoch). Returns one {"path", "state", "epoch"[, "reason"]}
-    per run; a diverged run is marked failed and frozen while the others go on.
-    """
-    runs = [RunDir(p) for p in paths]
-    st = StackedTrainer(configs, [r.run_id for r in runs], device, exact_noise)
-    for i, (cfg, run) in enumerate(zip(configs, runs)):
-        ckpt, rows = resume_point(cfg, run)
-        if ckpt is not None:
-            st.load_state(i, ckpt)
-            st.rows[i] = rows
-        elif st.epoch:
-            raise ValueError(f"{run.path} has no checkpoint but the stack resumes from epoch {st.epoch}")
-        write_json(run.config, cfg.to_dict())
-        write_json(run.env, environment())
-        run.set_status("running", epoch=st.epoch)
-    epochs = st.configs[0].epochs
-    schedule = [e for e in log_epochs(epochs) if e > st.epoch]
-    start = time.perf_counter()
-    while st.epoch < epochs and bool(st.active.any()):
-        for i in st.mark_failures(st.train_epoch()):
-            runs[i].set_status("failed", reason=st.models_state[i].failed, epoch=st.epoch)
-        if schedule and st.epoch == schedule[0]:
-            schedule.pop(0)
-            st.record()
-            for i, run in enumerate(runs):  # rows first, then the checkpoint, as train.checkpoint
-                if not st.models_state[i].failed:
-                    write_table(run.metrics, rows_to_frame(st.rows[i]))
-                    save_checkpoint(run.checkpoint_path(st.epoch), st.state(i))
-    wall = round(time.perf_counter() - start, 3)
-    out = []
-    for run, ms in zip(runs, st.models_state):
-        if ms.failed:
-            out.append({"path": str(run.path), "state": "failed", "epoch": st.epoch, "reason": ms.failed})
-        else:
-            run.set_status("complete", epoch=st.epoch, wall_s=wall, stacked=st.n)
-            out.append({"path": str(run.path), "state": "complete", "epoch": st.epoch})
-    return out
+        self.epoch, self.step, self.opt.t = epoch, step, step

@@ -1,0 +1,152 @@
+"""Analysis of tidy tables: grokking epochs, peak and final complexity, description lengths and
+bounds per run. Pure pandas; drawing lives in plots.py and figures.py.
+
+A table is what `mdlgrok sweep` gathers (or one run's RunDir.read_all()): training metrics,
+measure rows with eps, estimator, estimator_version and options, config columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from mdlgrok import mdl
+from mdlgrok.config import CONFIG_COLUMNS, GROKKED
+
+EPS_MAIN = 0.5  # the paper's headline tolerance, nats
+SETTING_COLUMNS = ["preset", "attention", "wd", "gamma", "sigma"]  # what an experiment compares
+
+
+def estimator_rows(table: pd.DataFrame, estimator: str = "mdlgrok") -> pd.DataFrame:
+    """The table with measure rows of one estimator only, each run at the newest version that measured
+    it (training metrics, which name no estimator, are kept)."""
+    if "estimator" not in table or table.estimator.eq("").all():
+        return table
+    plain = table[table.estimator == ""]
+    mine = table[table.estimator == estimator]
+    if "estimator_version" in mine and len(mine):
+        newest = mine.groupby("run_id").estimator_version.transform(lambda v: max(v, key=_version_key))
+        mine = mine[mine.estimator_version == newest]
+    return pd.concat([plain, mine], ignore_index=True)
+
+
+def _version_key(v: str) -> tuple:
+    return tuple(int(x) if x.isdigit() else -1 for x in str(v).split("."))
+
+
+def first_epoch(table: pd.DataFrame, metric: str, threshold: float) -> int | None:
+    """First recorded epoch where `metric` reaches `threshold` (None if never)."""
+    hit = table[(table.metric == metric) & (table.value >= threshold)]
+    return int(hit.epoch.min()) if len(hit) else None
+
+
+def final(table: pd.DataFrame, metric: str) -> float:
+    rows = table[table.metric == metric]
+    return float(rows.loc[rows.epoch.idxmax(), "value"]) if len(rows) else math.nan
+
+
+def complexity_summary(table: pd.DataFrame, eps: float = EPS_MAIN) -> dict | None:
+    """Peak and final complexity (bytes) at eps of one run, their epochs and ratios (mdlgrok's estimator)."""
+    mine = estimator_rows(table)
+    c = mine[(mine.metric == "complexity_bits") & (mine.eps == eps)]
+    if c.empty:
+        return None
+    c = c.sort_values("epoch")
+    peak, last = c.loc[c.value.idxmax()], c.iloc[-1]
+    naive = mine[(mine.metric == "naive_bits") & (mine.epoch == last.epoch)].value
+    return {"eps": eps, "peak_bytes": peak.value / 8, "peak_epoch": int(peak.epoch), "final_bytes": last.value / 8,
+            "final_epoch": int(last.epoch), "peak_over_final": peak.value / last.value,
+            "naive_over_final": float(naive.iloc[0]) / last.value if len(naive) else math.nan,
+            "estimator_version": str(c.estimator_version.iloc[-1]) if "estimator_version" in c else ""}
+
+
+def with_setting(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with a `setting` column naming the compared fields that vary across its runs
+    (e.g. "ours, softmax" or "gamma=0.03"), the hue of every figure; "all" when none varies."""
+    varying = [c for c in SETTING_COLUMNS if c in table and table[c].nunique() > 1]
+    if "preset" in varying:  # weights a preset implies are named by it, unless they vary within one
+        varying = [c for c in varying if c in ("preset", "attention") or table.groupby("preset")[c].nunique().max() > 1]
+    named = {"preset", "attention"}
+
+    def label(r) -> str:
+        return ", ".join(str(r[c]) if c in named else f"{c}={r[c]:g}" for c in varying) or "all"
+
+    runs = table.drop_duplicates("run_id").set_index("run_id")
+    return table.assign(setting=table.run_id.map(runs.apply(label, axis=1) if len(runs) else {}))
+
+
+def final_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows of each run's last recorded epoch."""
+    last = table.groupby("run_id").epoch.transform("max")
+    return table[table.epoch == last]
+
+
+def n_train(task: str, p: int, frac: float) -> int:
+    """Training-set size of the task's own split."""
+    from mdlgrok.tasks import TaskConfig, make_dataset
+
+    return len(make_dataset(TaskConfig(task, p, frac)).y_train)
+
+
+def description_table(table: pd.DataFrame, eps: float = EPS_MAIN, delta: float = 0.05) -> pd.DataFrame:
+    """Per run at its last epoch: model bits, data bits, total, and generalization bounds."""
+    fin = final_rows(estimator_rows(table))
+    out = []
+    for run_id, g in fin.groupby("run_id"):
+        at = g[g.eps == eps].set_index("metric").value
+        if "complexity_bits" not in at:
+            continue
+        plain = g[g.eps.isna()].set_index("metric").value
+        first = g.iloc[0]
+        p = int(first["p"])
+        n = n_train(str(first["task"]), p, float(first["frac"]))
+        k, train_err = at["complexity_bits"], 1 - at["coarse_train_acc"]
+        row = {c: first[c] for c in CONFIG_COLUMNS if c in first}
+        row.update({"run_id": run_id, "epoch": int(first.epoch), "eps": eps, "n_train": n, "model_bits": k,
+                    "data_bits": at["data_bits"], "total_bits": k + at["data_bits"],
+                    "truth_table_bits": mdl.truth_table_bits(p), "test_acc": plain.get("test_acc", math.nan),
+                    "coarse_train_err": train_err, "occam": mdl.occam_bound(train_err, k, n, delta),
+                    "kl": mdl.kl_bound(train_err, k, n, delta), "catoni": mdl.catoni_bound(train_err, k, n, delta),
+                    "nonvacuous_bits_kl": mdl.nonvacuous_bits(train_err, n, delta, threshold=1 - 1 / p),
+                    "estimator_version": str(g[g.metric == "complexity_bits"].estimator_version.iloc[0])
+                    if "estimator_version" in g else ""})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def run_summary(table: pd.DataFrame, eps: float = EPS_MAIN) -> pd.DataFrame:
+    """One row per run: its config and setting, grokking epoch, final test accuracy, and peak,
+    final and naive complexity at eps with the total description length at the end."""
+    table = table if "setting" in table else with_setting(table)
+    desc = description_table(table, eps).set_index("run_id") if (table.metric == "complexity_bits").any() else None
+    rows = []
+    for run_id, g in table.groupby("run_id"):
+        first = g.iloc[0]
+        grok = first_epoch(g, "test_acc", GROKKED)
+        row = {"run_id": run_id, "setting": first.setting, **{c: first[c] for c in CONFIG_COLUMNS if c in first},
+               "grokking_epoch": math.nan if grok is None else grok, "final_test_acc": final(g, "test_acc")}
+        comp = complexity_summary(g, eps) or {}
+        row.update({k: comp.get(k, math.nan) for k in ("peak_bytes", "peak_epoch", "final_bytes", "peak_over_final",
+                                                      "naive_over_final")})
+        row["estimator_version"] = comp.get("estimator_version", "")
+        row["total_bits"] = desc.total_bits.get(run_id, math.nan) if desc is not None else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize(table: pd.DataFrame, status: dict, name: str) -> str:
+    """A run's short summary: when it memorized and grokked, and what its complexity did."""
+    fmt = lambda e: "never" if e is None else str(e)  # noqa: E731
+    lines = [f"run {name} ({status.get('state', 'unknown')}, {status.get('wall_s', '?')} s)",
+             f"train accuracy 1.0 first at epoch {fmt(first_epoch(table, 'train_acc', 1.0))}; "
+             f"test accuracy {GROKKED} first at epoch {fmt(first_epoch(table, 'test_acc', GROKKED))}",
+             f"final: train acc {final(table, 'train_acc'):.4f}, test acc {final(table, 'test_acc'):.4f}, "
+             f"train loss {final(table, 'train_loss'):.3g}, test loss {final(table, 'test_loss'):.3g}"]
+    comp = complexity_summary(table)
+    if comp:
+        lines.append(f"complexity at eps {comp['eps']:g}: peak {comp['peak_bytes']:,.0f} B at epoch {comp['peak_epoch']}, "
+                     f"final {comp['final_bytes']:,.0f} B at epoch {comp['final_epoch']} "
+                     f"(peak/final {comp['peak_over_final']:.1f}x, naive/final {comp['naive_over_final']:.1f}x; "
+                     f"estimator mdlgrok {comp['estimator_version']})")
+    return "\n".join(lines)

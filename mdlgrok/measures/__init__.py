@@ -1,0 +1,18 @@
+"""Measures of a checkpoint, each a column family beside the training metrics.
+
+A measure is a function measure(model, data, cfg, payloads, epoch) -> rows, each row a dict
+with metric, value, and optionally eps and codec, plus the `estimator`, `estimator_version`
+and `options` that say what measured it; `expected(cfg)` names the (estimator, version,
+options, eps) a complete measurement of one checkpoint holds. The measure stage
+(mdlgrok/measure.py) runs them over a run's checkpoints into its measures table.
+
+- complexity: description length of the coarse-grained weights (mdlgrok.complexity), bits
+- norms: weight norm (sqrt of the sum of squares), mean spectral entropy (nats) and mean
+  effective rank of the weight matrices
+"""
+
+from mdlgrok.measures import complexity, norms
+
+MEASURES = {"complexity": complexity, "norms": norms}
+
+__all__ = ["MEASURES"]
