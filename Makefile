@@ -9,11 +9,12 @@ EXPERIMENTS := rise_and_fall four_tasks regularizers gamma attention
 LENGTH      ?= cpu
 JOBS        ?= 2
 
-.PHONY: help install test test-slow demo bench bench-train bench-estimator bench-stacked bench-sweep figures reproduce clean
+.PHONY: help install test test-slow check demo bench bench-train bench-estimator bench-stacked bench-sweep figures reproduce clean
 
 help:
 	@echo "make demo            train add/p=113/ours for 600 epochs on CPU and measure complexity"
 	@echo "make test            fast test suite (make test-slow for the long tests)"
+	@echo "make check           ruff: lint and format check of the package, tests and benchmarks"
 	@echo "make bench           training and estimator benchmarks"
 	@echo "make results/<experiment>/table.parquet   run the missing runs of experiments/<experiment>.toml"
 	@echo "make figures         redraw every figure from the tables in results/ (no training)"
@@ -35,6 +36,10 @@ test: $(VENV_OK)
 
 test-slow: $(VENV_OK)
 	$(PY) -m pytest -q -m slow
+
+check: $(VENV_OK)
+	$(PY) -m ruff check mdlgrok tests benchmarks
+	$(PY) -m ruff format --check mdlgrok tests benchmarks
 
 demo: $(VENV_OK)
 	rm -rf $(DEMO)

@@ -34,9 +34,20 @@ def bench_checkpoint(path: Path, eps) -> list[dict]:
         seconds = time.perf_counter() - start
         evals = sum(r.loss_evals for r in results) if mode == "paper" else results[0].loss_evals
         for r in results:
-            rows.append({"epoch": epoch, "mode": mode, "eps": r.eps, "bytes": r.bits // 8, "coarse_loss": r.coarse_loss,
-                         "base_loss": r.base_loss, "naive_bytes": r.naive_bits // 8, "seconds_all_eps": seconds,
-                         "loss_evals_all_eps": evals, "estimator_version": VERSION if mode == "mdlgrok" else ""})
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "mode": mode,
+                    "eps": r.eps,
+                    "bytes": r.bits // 8,
+                    "coarse_loss": r.coarse_loss,
+                    "base_loss": r.base_loss,
+                    "naive_bytes": r.naive_bits // 8,
+                    "seconds_all_eps": seconds,
+                    "loss_evals_all_eps": evals,
+                    "estimator_version": VERSION if mode == "mdlgrok" else "",
+                }
+            )
     return rows
 
 

@@ -25,8 +25,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ms_per_stacked_step(n: int, preset: str, steps: int, device: torch.device, warmup: int = 3,
-                        exact_noise: bool | None = None, batch: int = 512) -> float:
+def ms_per_stacked_step(
+    n: int,
+    preset: str,
+    steps: int,
+    device: torch.device,
+    warmup: int = 3,
+    exact_noise: bool | None = None,
+    batch: int = 512,
+) -> float:
     configs = [TrainConfig(task="add", p=113, preset=preset, epochs=1, batch=batch, seed=s) for s in range(n)]
     st = StackedEngine(configs, device=device, exact_noise=exact_noise)
     idx = torch.arange(batch, device=device).expand(n, batch)  # the first 512 examples of each model's split
@@ -43,12 +50,17 @@ def ms_per_stacked_step(n: int, preset: str, steps: int, device: torch.device, w
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1, 8, 64], help="stack sizes (1 is always measured)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when torch sees a GPU")
+    ap.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when torch sees a GPU"
+    )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--preset", default="ours", choices=["none", "wd", "ours"])
-    ap.add_argument("--exact-noise", action="store_true",
-                    help="draw noise on each model's CPU generator as WeightNoise (default only on CPU)")
+    ap.add_argument(
+        "--exact-noise",
+        action="store_true",
+        help="draw noise on each model's CPU generator as WeightNoise (default only on CPU)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--trainer", action="store_true", help="also time one plain Trainer step (CPU only)")
     args = ap.parse_args()
@@ -59,8 +71,10 @@ def main() -> None:
         ap.error("--device cuda but torch.cuda.is_available() is False")
     sizes = sorted(set(args.n) | {1})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}; 1-block transformer p=113, batch 512, preset {args.preset}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
+    print(
+        f"torch {torch.__version__}, {name}; 1-block transformer p=113, batch 512, preset {args.preset}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up"
+    )
     print(f"{'N':>5} {'ms/step':>9} {'model-steps/s':>14} {'vs N=1':>8}")
     if args.trainer and device.type == "cpu":
         import bench_train

@@ -16,21 +16,25 @@ import time
 
 import torch
 
-from mdlgrok.sweep import run_sweep
 from mdlgrok.config import TrainConfig
+from mdlgrok.sweep import run_sweep
 from mdlgrok.training import train
 
 
 def experiment(epochs: int, runs: int) -> dict:
-    return {"name": "bench", "base": {"task": "add", "p": 113, "preset": "ours", "epochs": epochs},
-            "grid": {"seed": list(range(runs))}}
+    return {
+        "name": "bench",
+        "base": {"task": "add", "p": 113, "preset": "ours", "epochs": epochs},
+        "grid": {"seed": list(range(runs))},
+    }
 
 
 def sequential(epochs: int, runs: int, root: str) -> float:
     start = time.perf_counter()
     for seed in range(runs):
-        train(TrainConfig(task="add", p=113, preset="ours", epochs=epochs, seed=seed), f"{root}/seq{seed}",
-              progress=False)
+        train(
+            TrainConfig(task="add", p=113, preset="ours", epochs=epochs, seed=seed), f"{root}/seq{seed}", progress=False
+        )
     return time.perf_counter() - start
 
 
@@ -49,8 +53,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         t_seq = sequential(args.epochs, args.runs, root)
         t_loc = local(args.epochs, args.runs, args.jobs, f"{root}/sweep")
-    print(f"{args.runs} runs x {args.epochs} epochs, {os.cpu_count()} cores, torch default threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"{args.runs} runs x {args.epochs} epochs, {os.cpu_count()} cores, torch default threads "
+        f"{torch.get_num_threads()}"
+    )
     print(f"{'mode':28} {'wall s':>8} {'runs/min':>9}")
     print(f"{'sequential (default threads)':28} {t_seq:8.1f} {60 * args.runs / t_seq:9.2f}")
     print(f"{f'local executor, jobs={args.jobs}':28} {t_loc:8.1f} {60 * args.runs / t_loc:9.2f}")

@@ -42,8 +42,10 @@ def main() -> None:
     cpu = {}
     for preset in ("none", "ours"):
         ms = cpu[preset] = ms_per_step(preset, args.steps)
-        print(f"{preset:8} {ms:8.1f} {1000 / ms:8.1f} {PAPER_MS[preset]:9.1f} {PAPER_MS[preset] / ms:8.2f}x "
-              f"{ms / cpu['none']:7.2f}x")
+        print(
+            f"{preset:8} {ms:8.1f} {1000 / ms:8.1f} {PAPER_MS[preset]:9.1f} {PAPER_MS[preset] / ms:8.2f}x "
+            f"{ms / cpu['none']:7.2f}x"
+        )
     if torch.cuda.is_available():
         from bench_stacked import ms_per_stacked_step
 

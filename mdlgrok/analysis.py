@@ -55,10 +55,16 @@ def complexity_summary(table: pd.DataFrame, eps: float = EPS_MAIN) -> dict | Non
     c = c.sort_values("epoch")
     peak, last = c.loc[c.value.idxmax()], c.iloc[-1]
     naive = mine[(mine.metric == "naive_bits") & (mine.epoch == last.epoch)].value
-    return {"eps": eps, "peak_bytes": peak.value / 8, "peak_epoch": int(peak.epoch), "final_bytes": last.value / 8,
-            "final_epoch": int(last.epoch), "peak_over_final": peak.value / last.value,
-            "naive_over_final": float(naive.iloc[0]) / last.value if len(naive) else math.nan,
-            "estimator_version": str(c.estimator_version.iloc[-1]) if "estimator_version" in c else ""}
+    return {
+        "eps": eps,
+        "peak_bytes": peak.value / 8,
+        "peak_epoch": int(peak.epoch),
+        "final_bytes": last.value / 8,
+        "final_epoch": int(last.epoch),
+        "peak_over_final": peak.value / last.value,
+        "naive_over_final": float(naive.iloc[0]) / last.value if len(naive) else math.nan,
+        "estimator_version": str(c.estimator_version.iloc[-1]) if "estimator_version" in c else "",
+    }
 
 
 def with_setting(table: pd.DataFrame) -> pd.DataFrame:
@@ -103,14 +109,27 @@ def description_table(table: pd.DataFrame, eps: float = EPS_MAIN, delta: float =
         n = n_train(str(first["task"]), p, float(first["frac"]))
         k, train_err = at["complexity_bits"], 1 - at["coarse_train_acc"]
         row = {c: first[c] for c in CONFIG_COLUMNS if c in first}
-        row.update({"run_id": run_id, "epoch": int(first.epoch), "eps": eps, "n_train": n, "model_bits": k,
-                    "data_bits": at["data_bits"], "total_bits": k + at["data_bits"],
-                    "truth_table_bits": mdl.truth_table_bits(p), "test_acc": plain.get("test_acc", math.nan),
-                    "coarse_train_err": train_err, "occam": mdl.occam_bound(train_err, k, n, delta),
-                    "kl": mdl.kl_bound(train_err, k, n, delta), "catoni": mdl.catoni_bound(train_err, k, n, delta),
-                    "nonvacuous_bits_kl": mdl.nonvacuous_bits(train_err, n, delta, threshold=1 - 1 / p),
-                    "estimator_version": str(g[g.metric == "complexity_bits"].estimator_version.iloc[0])
-                    if "estimator_version" in g else ""})
+        row.update(
+            {
+                "run_id": run_id,
+                "epoch": int(first.epoch),
+                "eps": eps,
+                "n_train": n,
+                "model_bits": k,
+                "data_bits": at["data_bits"],
+                "total_bits": k + at["data_bits"],
+                "truth_table_bits": mdl.truth_table_bits(p),
+                "test_acc": plain.get("test_acc", math.nan),
+                "coarse_train_err": train_err,
+                "occam": mdl.occam_bound(train_err, k, n, delta),
+                "kl": mdl.kl_bound(train_err, k, n, delta),
+                "catoni": mdl.catoni_bound(train_err, k, n, delta),
+                "nonvacuous_bits_kl": mdl.nonvacuous_bits(train_err, n, delta, threshold=1 - 1 / p),
+                "estimator_version": str(g[g.metric == "complexity_bits"].estimator_version.iloc[0])
+                if "estimator_version" in g
+                else "",
+            }
+        )
         out.append(row)
     return pd.DataFrame(out)
 
@@ -124,11 +143,20 @@ def run_summary(table: pd.DataFrame, eps: float = EPS_MAIN) -> pd.DataFrame:
     for run_id, g in table.groupby("run_id"):
         first = g.iloc[0]
         grok = first_epoch(g, "test_acc", GROKKED)
-        row = {"run_id": run_id, "setting": first.setting, **{c: first[c] for c in CONFIG_COLUMNS if c in first},
-               "grokking_epoch": math.nan if grok is None else grok, "final_test_acc": final(g, "test_acc")}
+        row = {
+            "run_id": run_id,
+            "setting": first.setting,
+            **{c: first[c] for c in CONFIG_COLUMNS if c in first},
+            "grokking_epoch": math.nan if grok is None else grok,
+            "final_test_acc": final(g, "test_acc"),
+        }
         comp = complexity_summary(g, eps) or {}
-        row.update({k: comp.get(k, math.nan) for k in ("peak_bytes", "peak_epoch", "final_bytes", "peak_over_final",
-                                                      "naive_over_final")})
+        row.update(
+            {
+                k: comp.get(k, math.nan)
+                for k in ("peak_bytes", "peak_epoch", "final_bytes", "peak_over_final", "naive_over_final")
+            }
+        )
         row["estimator_version"] = comp.get("estimator_version", "")
         row["total_bits"] = desc.total_bits.get(run_id, math.nan) if desc is not None else math.nan
         rows.append(row)
@@ -138,15 +166,19 @@ def run_summary(table: pd.DataFrame, eps: float = EPS_MAIN) -> pd.DataFrame:
 def summarize(table: pd.DataFrame, status: dict, name: str) -> str:
     """A run's short summary: when it memorized and grokked, and what its complexity did."""
     fmt = lambda e: "never" if e is None else str(e)  # noqa: E731
-    lines = [f"run {name} ({status.get('state', 'unknown')}, {status.get('wall_s', '?')} s)",
-             f"train accuracy 1.0 first at epoch {fmt(first_epoch(table, 'train_acc', 1.0))}; "
-             f"test accuracy {GROKKED} first at epoch {fmt(first_epoch(table, 'test_acc', GROKKED))}",
-             f"final: train acc {final(table, 'train_acc'):.4f}, test acc {final(table, 'test_acc'):.4f}, "
-             f"train loss {final(table, 'train_loss'):.3g}, test loss {final(table, 'test_loss'):.3g}"]
+    lines = [
+        f"run {name} ({status.get('state', 'unknown')}, {status.get('wall_s', '?')} s)",
+        f"train accuracy 1.0 first at epoch {fmt(first_epoch(table, 'train_acc', 1.0))}; "
+        f"test accuracy {GROKKED} first at epoch {fmt(first_epoch(table, 'test_acc', GROKKED))}",
+        f"final: train acc {final(table, 'train_acc'):.4f}, test acc {final(table, 'test_acc'):.4f}, "
+        f"train loss {final(table, 'train_loss'):.3g}, test loss {final(table, 'test_loss'):.3g}",
+    ]
     comp = complexity_summary(table)
     if comp:
-        lines.append(f"complexity at eps {comp['eps']:g}: peak {comp['peak_bytes']:,.0f} B at epoch {comp['peak_epoch']}, "
-                     f"final {comp['final_bytes']:,.0f} B at epoch {comp['final_epoch']} "
-                     f"(peak/final {comp['peak_over_final']:.1f}x, naive/final {comp['naive_over_final']:.1f}x; "
-                     f"estimator mdlgrok {comp['estimator_version']})")
+        lines.append(
+            f"complexity at eps {comp['eps']:g}: peak {comp['peak_bytes']:,.0f} B at epoch {comp['peak_epoch']}, "
+            f"final {comp['final_bytes']:,.0f} B at epoch {comp['final_epoch']} "
+            f"(peak/final {comp['peak_over_final']:.1f}x, naive/final {comp['naive_over_final']:.1f}x; "
+            f"estimator mdlgrok {comp['estimator_version']})"
+        )
     return "\n".join(lines)

@@ -64,30 +64,52 @@ def _measure_args(sub) -> None:
 def _sweep_args(sub) -> None:
     w = sub.add_parser("sweep", help="run an experiment's grid (experiments/*.toml), skipping complete runs")
     w.add_argument("experiment", help="experiment file (TOML)")
-    w.add_argument("--jobs", type=int, help="parallel processes (default 1; threads per process: cores // jobs); "
-                   "with --executor slurm, the most array tasks at once (default: no limit)")
+    w.add_argument(
+        "--jobs",
+        type=int,
+        help="parallel processes (default 1; threads per process: cores // jobs); "
+        "with --executor slurm, the most array tasks at once (default: no limit)",
+    )
     w.add_argument("--length", help="a length of the experiment's [lengths] table, e.g. cpu or paper (default cpu)")
     w.add_argument("--root", default="runs", help="runs go to ROOT/<experiment name>/<key>/")
     w.add_argument("--dry-run", action="store_true", help="list the runs, their keys and states; train nothing")
     w.add_argument("--quiet", action="store_true", help="no progress lines")
-    w.add_argument("--executor", default="local", choices=["local", "slurm", "submitit-local"],
-                   help="local processes (default); a Slurm job array through submitit (pip install submitit); "
-                        "or submitit's local executor")
+    w.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "slurm", "submitit-local"],
+        help="local processes (default); a Slurm job array through submitit (pip install submitit); "
+        "or submitit's local executor",
+    )
     w.add_argument("--slurm-partition", help="Slurm partition (default: the cluster's)")
-    w.add_argument("--slurm-time", type=int, default=240,
-                   help="minutes per job (default 240); a job that reaches it is requeued and resumes")
+    w.add_argument(
+        "--slurm-time",
+        type=int,
+        default=240,
+        help="minutes per job (default 240); a job that reaches it is requeued and resumes",
+    )
     w.add_argument("--slurm-cpus", type=int, default=4, help="cpus per job, also its torch threads (default 4)")
-    w.add_argument("--measure-only", action="store_true",
-                   help="train nothing: measure the complete runs' checkpoints that lack rows, then gather")
+    w.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="train nothing: measure the complete runs' checkpoints that lack rows, then gather",
+    )
     w.add_argument("--again", action="store_true", help="with --measure-only: measure every complete run again")
     add_arguments(w, MeasureConfig)
-    w.add_argument("--no-share", action="store_true",
-                   help="train a run even when the same config is complete in another experiment under --root "
-                        "(default: link to it)")
+    w.add_argument(
+        "--no-share",
+        action="store_true",
+        help="train a run even when the same config is complete in another experiment under --root "
+        "(default: link to it)",
+    )
     w.add_argument("--device", default="auto", help="auto (default: cuda when torch sees a GPU), cpu or cuda")
-    w.add_argument("--stack", default="auto", choices=["auto", "on", "off"],
-                   help="train runs of one architecture together as stacks (training/stacked.py): auto (default) "
-                        "stacks on a GPU, where it pays, and runs one process per run on CPU")
+    w.add_argument(
+        "--stack",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="train runs of one architecture together as stacks (training/stacked.py): auto (default) "
+        "stacks on a GPU, where it pays, and runs one process per run on CPU",
+    )
     w.add_argument("--stack-size", type=int, default=64, help="most runs per stack (default 64)")
 
 
@@ -184,8 +206,15 @@ def cmd_convert(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "measure": cmd_measure, "complexity": cmd_complexity, "summary": cmd_summary,
-            "sweep": cmd_sweep, "figures": cmd_figures, "convert": cmd_convert}
+COMMANDS = {
+    "train": cmd_train,
+    "measure": cmd_measure,
+    "complexity": cmd_complexity,
+    "summary": cmd_summary,
+    "sweep": cmd_sweep,
+    "figures": cmd_figures,
+    "convert": cmd_convert,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from mdlgrok.complexity.estimate import PAPER_EPS  # the paper's tolerances, nats
+
 GROKKED = 0.95  # test accuracy that counts as grokked
 ESTIMATORS = ("mdlgrok", "paper")
 
@@ -81,8 +82,9 @@ class TrainConfig:
     def model_config(self):
         from mdlgrok.models import ModelConfig
 
-        return ModelConfig(vocab=self.p + 2, model=self.model, layers=self.layers,
-                           attention=self.attention, pos_rows=self.pos_rows)
+        return ModelConfig(
+            vocab=self.p + 2, model=self.model, layers=self.layers, attention=self.attention, pos_rows=self.pos_rows
+        )
 
     def reg_config(self):
         from mdlgrok.regularizers import RegConfig
@@ -93,14 +95,15 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """A config from its dict; a field this version does not know is an error (see runs.convert_run
         for the folders of older versions, whose configs held `measure` and `eps`)."""
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {', '.join(unknown)}"
-                             + ("; an older run folder: convert it with `mdlgrok convert`"
-                                if set(unknown) & LEGACY_FIELDS else ""))
+            raise ValueError(
+                f"unknown TrainConfig field(s) {', '.join(unknown)}"
+                + ("; an older run folder: convert it with `mdlgrok convert`" if set(unknown) & LEGACY_FIELDS else "")
+            )
         return cls(**d)
 
 
@@ -126,7 +129,9 @@ class MeasureConfig:
         self.measures = tuple(self.measures)
         unknown = [m for m in self.measures if m not in MEASURES]
         if unknown or not self.measures:
-            raise ValueError(f"unknown measure(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(MEASURES)}")
+            raise ValueError(
+                f"unknown measure(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(MEASURES)}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +162,9 @@ def coerce(cls, name: str, value: Any, where: str) -> Any:
     if kind.startswith("tuple"):
         item_ok = (lambda v: isinstance(v, str)) if kind == "tuple-str" else _is_number
         if not isinstance(value, (list, tuple)) or not all(item_ok(v) for v in value):
-            raise ValueError(f"{where}: {name} must be a list of {'names' if kind == 'tuple-str' else 'numbers'}, got {value!r}")
+            raise ValueError(
+                f"{where}: {name} must be a list of {'names' if kind == 'tuple-str' else 'numbers'}, got {value!r}"
+            )
         return tuple(value) if kind == "tuple-str" else tuple(float(v) for v in value)
     if kind == "float":
         if not _is_number(value):
@@ -192,7 +199,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
             continue
         kind, default = field_kind(f), field_default(f)
         flag = "--" + f.name.replace("_", "-")
-        shown = "" if default is None else f" (default {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
+        shown = (
+            ""
+            if default is None
+            else f" (default {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
+        )
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f.metadata.get("help", "") + shown}
         if kind.startswith("tuple"):
             kw.update(nargs=2 if f.name == "betas" else "+", type=str if kind == "tuple-str" else float)
@@ -209,5 +220,18 @@ def from_arguments(cls, args: argparse.Namespace, **extra):
 
 # Config columns every gathered table carries beside run_id, so that it describes itself,
 # and further scalar fields added as columns where they vary across the gathered runs.
-CONFIG_COLUMNS = ["task", "p", "frac", "model", "layers", "attention", "preset", "wd", "gamma", "sigma", "seed", "epochs"]
+CONFIG_COLUMNS = [
+    "task",
+    "p",
+    "frac",
+    "model",
+    "layers",
+    "attention",
+    "preset",
+    "wd",
+    "gamma",
+    "sigma",
+    "seed",
+    "epochs",
+]
 EXTRA_COLUMNS = ["pos_rows", "noise", "lr", "batch", "adam_eps"]

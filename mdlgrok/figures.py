@@ -19,6 +19,7 @@ from mdlgrok import plots
 from mdlgrok.analysis import EPS_MAIN, description_table, estimator_rows, final_rows, run_summary, with_setting
 from mdlgrok.config import CONFIG_COLUMNS
 
+
 def _write_configs(folder: Path, table: pd.DataFrame) -> None:
     cols = [c for c in ["run_id"] + CONFIG_COLUMNS if c in table]
     configs = table[cols].drop_duplicates().sort_values(cols[1:]).to_dict("records")
@@ -34,8 +35,9 @@ def draw_experiment(folder: Path) -> list[Path]:
     drawn = estimator_rows(table)  # complexity as mdlgrok's estimator measured it
     hue = "setting" if table.setting.nunique() > 1 else None
     for task, sub in drawn.groupby("task"):
-        out += plots.rise_and_fall(sub, folder / f"rise_and_fall_{task}", eps=EPS_MAIN, hue=hue,
-                                   title=f"{folder.name}: {task}")
+        out += plots.rise_and_fall(
+            sub, folder / f"rise_and_fall_{task}", eps=EPS_MAIN, hue=hue, title=f"{folder.name}: {task}"
+        )
     fin = final_rows(drawn)
     if (fin.metric == "complexity_bits").any():
         out += plots.final_by_eps(fin, folder / "final_complexity_vs_eps", hue=hue)

@@ -47,6 +47,7 @@ def _check_bound_args(train_err, k_bits, n, delta) -> None:
 # Description lengths
 # ---------------------------------------------------------------------------------------------
 
+
 def data_bits(mean_loss_nats: float, n: int) -> float:
     """Bits to encode the n training labels given the model: sum_i -log2 p(y_i | x_i).
 
@@ -94,6 +95,7 @@ def _prefix_free_nats(k_bits: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # Bounds
 # ---------------------------------------------------------------------------------------------
+
 
 def binary_kl(q: float, e: float) -> float:
     """kl(q || e) = q ln(q/e) + (1-q) ln((1-q)/(1-e)), in nats, with 0 ln 0 = 0."""
@@ -159,8 +161,9 @@ def catoni_bound(train_err: float, k_bits: float, n: int, delta: float = 0.05, g
 _BOUND_FUNCS = {"occam": occam_bound, "kl": kl_bound, "catoni": catoni_bound}
 
 
-def nonvacuous_bits(train_err: float, n: int, delta: float = 0.05, threshold: float | None = None,
-                    bound: str = "kl") -> float:
+def nonvacuous_bits(
+    train_err: float, n: int, delta: float = 0.05, threshold: float | None = None, bound: str = "kl"
+) -> float:
     """Largest code length K (bits) for which the chosen bound ("occam", "kl", "catoni") is
     below `threshold`; 0.0 if none (the bound at K = 0 is already at or above it).
 

@@ -41,13 +41,16 @@ def threads_per_worker(workers: int) -> int:
     return max(1, available_cores() // workers)
 
 
-def measure_model(model: torch.nn.Module, data, cfg: MeasureConfig, run_id: str, epoch: int, step: int,
-                  payloads: Path | None = None) -> list[dict]:
+def measure_model(
+    model: torch.nn.Module, data, cfg: MeasureConfig, run_id: str, epoch: int, step: int, payloads: Path | None = None
+) -> list[dict]:
     """Rows of every measure of cfg on one model."""
     rows = []
     for name in cfg.measures:
         for r in MEASURES[name].measure(model, data, cfg, payloads, epoch):
-            rows.append({"run_id": run_id, "epoch": int(epoch), "step": int(step), "eps": float("nan"), "codec": "", **r})
+            rows.append(
+                {"run_id": run_id, "epoch": int(epoch), "step": int(step), "eps": float("nan"), "codec": "", **r}
+            )
     return rows
 
 
@@ -65,7 +68,9 @@ def append_rows(run: RunDir, rows: list[dict]) -> pd.DataFrame:
     new = rows_to_frame(rows, MEASURE_COLUMNS)
     old = run.read_measures()
     both = pd.concat([old, new], ignore_index=True)
-    both = both.assign(_eps=both.eps.fillna(-1.0)).drop_duplicates([k if k != "eps" else "_eps" for k in KEY], keep="last")
+    both = both.assign(_eps=both.eps.fillna(-1.0)).drop_duplicates(
+        [k if k != "eps" else "_eps" for k in KEY], keep="last"
+    )
     write_table(run.measures, rows_to_frame(both.drop(columns="_eps").to_dict("records"), MEASURE_COLUMNS))
     return new
 
@@ -73,14 +78,22 @@ def append_rows(run: RunDir, rows: list[dict]) -> pd.DataFrame:
 def missing_checkpoints(run: RunDir, cfg: MeasureConfig) -> list[Path]:
     """The run's checkpoints that lack some row cfg would write."""
     m = run.read_measures()
-    have = set(zip(m.epoch.astype(int), m.estimator, m.estimator_version, m.options,
-                   [None if pd.isna(e) else float(e) for e in m.eps]))
+    have = set(
+        zip(
+            m.epoch.astype(int),
+            m.estimator,
+            m.estimator_version,
+            m.options,
+            [None if pd.isna(e) else float(e) for e in m.eps],
+        )
+    )
     want = set().union(*(MEASURES[name].expected(cfg) for name in cfg.measures))
     return [c for c in run.checkpoints() if any((checkpoint_epoch(c), *w) not in have for w in want)]
 
 
-def measure_run(run_path: str | Path, cfg: MeasureConfig | None = None, jobs: int = 1, again: bool = False,
-                progress: bool = True) -> pd.DataFrame:
+def measure_run(
+    run_path: str | Path, cfg: MeasureConfig | None = None, jobs: int = 1, again: bool = False, progress: bool = True
+) -> pd.DataFrame:
     """Measure a run's checkpoints (those not measured yet with this config, or all with `again`)
     into its measures table; returns the new rows."""
     cfg = cfg or MeasureConfig()
@@ -107,6 +120,7 @@ def measure_run(run_path: str | Path, cfg: MeasureConfig | None = None, jobs: in
 
 def checkpoint_hook(cfg: MeasureConfig):
     """on_checkpoint for the training loop: measure the model just checkpointed into the run's table."""
+
     def on_checkpoint(run: RunDir, model, data, epoch: int, step: int) -> None:
         append_rows(run, measure_model(model, data, cfg, run.run_id, epoch, step, run.payloads))
 
@@ -126,15 +140,27 @@ def checkpoint_report(path: str, cfg: MeasureConfig | None = None) -> str:
     model, data, epoch, _ = model_from_checkpoint(path)
     results = run_estimator(model, data, cfg)
     r0 = results[0]
-    lines = [f"{path}: epoch {epoch}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-             f"train loss {r0.base_loss:.4g} nats, estimator {cfg.estimator} ({r0.loss_evals} loss calls, {r0.seconds:.1f} s)",
-             f"naive size (bzip2 of float32 weights): {r0.naive_bits // 8:,} bytes",
-             f"{'eps':>8} {'bytes':>9} {'codec':>10} {'ratio':>7} {'coarse loss':>12} {'test acc':>9}"]
+    lines = [
+        f"{path}: epoch {epoch}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"train loss {r0.base_loss:.4g} nats, estimator {cfg.estimator} "
+        f"({r0.loss_evals} loss calls, {r0.seconds:.1f} s)",
+        f"naive size (bzip2 of float32 weights): {r0.naive_bits // 8:,} bytes",
+        f"{'eps':>8} {'bytes':>9} {'codec':>10} {'ratio':>7} {'coarse loss':>12} {'test acc':>9}",
+    ]
     for r in results:
-        lines.append(f"{r.eps:8.4g} {r.bits // 8:9,} {r.codec:>10} {r.ratio:7.1f} {r.coarse_loss:12.4g} "
-                     f"{r.extra.get('coarse_test_acc', float('nan')):9.3f}")
-    lines.append(f"choices at eps {results[-1].eps:g}: " + ", ".join(
-        f"{c['name']}={c['kind']}" + (f"(k={c['rank']})" if c["kind"] == "lowrank" else "")
-        + (f"[{c['rows']} rows read]" if c.get("rows") else "")
-        + (f"[Fourier {c['fourier']}]" if c.get("fourier") else "") for c in results[-1].choices if c["kind"] != "raw"))
+        lines.append(
+            f"{r.eps:8.4g} {r.bits // 8:9,} {r.codec:>10} {r.ratio:7.1f} {r.coarse_loss:12.4g} "
+            f"{r.extra.get('coarse_test_acc', float('nan')):9.3f}"
+        )
+    lines.append(
+        f"choices at eps {results[-1].eps:g}: "
+        + ", ".join(
+            f"{c['name']}={c['kind']}"
+            + (f"(k={c['rank']})" if c["kind"] == "lowrank" else "")
+            + (f"[{c['rows']} rows read]" if c.get("rows") else "")
+            + (f"[Fourier {c['fourier']}]" if c.get("fourier") else "")
+            for c in results[-1].choices
+            if c["kind"] != "raw"
+        )
+    )
     return "\n".join(lines)

@@ -27,8 +27,9 @@ def save(fig, path: str | Path) -> list[Path]:
     return out
 
 
-def rise_and_fall(table: pd.DataFrame, path: str | Path, eps: float = 0.5, hue: str | None = None,
-                  title: str = "") -> list[Path]:
+def rise_and_fall(
+    table: pd.DataFrame, path: str | Path, eps: float = 0.5, hue: str | None = None, title: str = ""
+) -> list[Path]:
     """Accuracy (top) and complexity in kB at one eps (bottom) against epoch, log-scaled."""
     sns.set_theme(style="whitegrid", context="paper")
     fig, (ax_acc, ax_c) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
@@ -68,8 +69,17 @@ def final_by_eps(final: pd.DataFrame, path: str | Path, hue: str | None = None) 
 def estimator_comparison(bench: pd.DataFrame, path: str | Path) -> list[Path]:
     """Bytes of mdlgrok's search and the paper's on the same checkpoints, per eps."""
     sns.set_theme(style="whitegrid", context="paper")
-    grid = sns.catplot(bench, x="eps", y="bytes", hue="mode", col="epoch", kind="bar", height=3, aspect=1.1,
-                       order=sorted(bench.eps.unique(), reverse=True))
+    grid = sns.catplot(
+        bench,
+        x="eps",
+        y="bytes",
+        hue="mode",
+        col="epoch",
+        kind="bar",
+        height=3,
+        aspect=1.1,
+        order=sorted(bench.eps.unique(), reverse=True),
+    )
     grid.set(yscale="log")
     return save(grid.figure, path)
 
@@ -78,8 +88,12 @@ def settings_summary(summary: pd.DataFrame, path: str | Path) -> list[Path]:
     """Per setting and task, points per seed: final complexity, grokking epoch, final test
     accuracy and total description length at the end of training (analysis.run_summary)."""
     sns.set_theme(style="whitegrid", context="paper")
-    panels = [("final_bytes", "final complexity (B)"), ("grokking_epoch", "grokking epoch"),
-              ("final_test_acc", "final test accuracy"), ("total_bits", "model + data bits, end")]
+    panels = [
+        ("final_bytes", "final complexity (B)"),
+        ("grokking_epoch", "grokking epoch"),
+        ("final_test_acc", "final test accuracy"),
+        ("total_bits", "model + data bits, end"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     order = sorted(summary.setting.unique())
     for i, (ax, (col, label)) in enumerate(zip(axes, panels)):

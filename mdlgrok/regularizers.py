@@ -46,7 +46,7 @@ def weight_matrices(params, batch_dims: int = 0) -> list[torch.Tensor]:
     """Every parameter with two or more dimensions (embeddings included), as a 2-D matrix; `params`
     is a module or an iterable of tensors, whose first `batch_dims` axes (stacked models) are kept."""
     params = params.parameters() if isinstance(params, nn.Module) else params
-    return [p.reshape(*p.shape[:batch_dims + 1], -1) for p in params if p.ndim >= 2 + batch_dims]
+    return [p.reshape(*p.shape[: batch_dims + 1], -1) for p in params if p.ndim >= 2 + batch_dims]
 
 
 class _GramSingularValues(torch.autograd.Function):
@@ -129,8 +129,14 @@ def effective_ranks(params, batch_dims: int = 0) -> list[torch.Tensor]:
     return [spectral_entropy(torch.linalg.svdvals(w)).exp() for w in mats]
 
 
-def draw_noise(shape, sigma: float, kind: str, generator: torch.Generator, dtype: torch.dtype,
-               device: torch.device | str | None = None) -> torch.Tensor:
+def draw_noise(
+    shape,
+    sigma: float,
+    kind: str,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Quantization noise of one tensor: N(0, sigma^2) ("gaussian": sigma is a std; the paper's
     code calls it "variance"), or U[-sigma/2, sigma/2] ("uniform": the exact error of a quantizer
     with bin sigma)."""

@@ -16,8 +16,9 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -86,14 +87,26 @@ def environment() -> dict:
     import zstandard
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "torch": torch.__version__, "numpy": np.__version__, "pandas": pd.__version__,
-            "zstandard": zstandard.__version__, "zstd": zstandard.ZSTD_VERSION and ".".join(map(str, zstandard.ZSTD_VERSION)),
-            "lzma": lzma.__name__, "git_commit": commit, "threads": torch.get_num_threads()}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "zstandard": zstandard.__version__,
+        "zstd": zstandard.ZSTD_VERSION and ".".join(map(str, zstandard.ZSTD_VERSION)),
+        "lzma": lzma.__name__,
+        "git_commit": commit,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -153,8 +166,10 @@ class RunDir:
 
     def read_all(self) -> pd.DataFrame:
         """Training metrics and measures as one tidy frame (MEASURE_COLUMNS)."""
-        return pd.concat([rows_to_frame(self.read_metrics().to_dict("records"), MEASURE_COLUMNS),
-                          self.read_measures()], ignore_index=True)
+        return pd.concat(
+            [rows_to_frame(self.read_metrics().to_dict("records"), MEASURE_COLUMNS), self.read_measures()],
+            ignore_index=True,
+        )
 
 
 def save_checkpoint(path: Path, obj: dict) -> None:
@@ -193,8 +208,10 @@ def model_from_checkpoint(path: str | Path):
 
     ckpt = load_checkpoint(path)
     if "config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} is not an mdlgrok training checkpoint (no config); "
-                              "use mdlgrok.complexity.estimate on your own module")
+        raise CheckpointError(
+            f"checkpoint {path} is not an mdlgrok training checkpoint (no config); "
+            "use mdlgrok.complexity.estimate on your own module"
+        )
     cfg = config_of(json.loads(ckpt["config"]))
     model = build_model(cfg.model_config())
     try:
@@ -237,7 +254,9 @@ def convert_run(path: str | Path, estimator_version: str = "unknown", options: s
         moved = metrics[measured].assign(estimator_version=estimator_version, options=options)
         if len(moved):
             kept = run.read_measures()
-            write_table(run.measures, rows_to_frame(kept.to_dict("records") + moved.to_dict("records"), MEASURE_COLUMNS))
+            write_table(
+                run.measures, rows_to_frame(kept.to_dict("records") + moved.to_dict("records"), MEASURE_COLUMNS)
+            )
         write_table(run.metrics, rows_to_frame(metrics[~measured].to_dict("records")))
     cfg = json.loads(run.config.read_text())
     write_json(run.config, {k: v for k, v in cfg.items() if k not in LEGACY_FIELDS})

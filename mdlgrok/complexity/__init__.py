@@ -18,5 +18,14 @@ from mdlgrok.complexity.search import LossError
 # search or the payload format changes what a figure can be (docs/estimator.md lists them).
 VERSION = "3"
 
-__all__ = ["PAPER_EPS", "VERSION", "LossError", "Result", "decode", "decode_paper", "estimate", "naive_bits",
-           "paper_estimate"]
+__all__ = [
+    "PAPER_EPS",
+    "VERSION",
+    "LossError",
+    "Result",
+    "decode",
+    "decode_paper",
+    "estimate",
+    "naive_bits",
+    "paper_estimate",
+]

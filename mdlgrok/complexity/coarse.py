@@ -82,8 +82,11 @@ class Target:
             ev, q = np.linalg.eigh(self.h)
             root, inv_root = (q * np.sqrt(ev)) @ q.T, (q / np.sqrt(ev)) @ q.T
             w = self.w.reshape(matrix_shape(self.coded_shape))
-            self._white = (*np.linalg.svd(w @ root, full_matrices=False), inv_root,
-                           np.linalg.cholesky(inv_root @ inv_root).T)
+            self._white = (
+                *np.linalg.svd(w @ root, full_matrices=False),
+                inv_root,
+                np.linalg.cholesky(inv_root @ inv_root).T,
+            )
         return self._white
 
     def fourier(self) -> int:
@@ -105,8 +108,11 @@ class Target:
         return (m * n - 1) // (m + n)
 
 
-def targets_of(state: dict[str, torch.Tensor], rows: dict[str, tuple[int, ...]] | None = None,
-               moments: dict[str, np.ndarray] | None = None) -> list[Target]:
+def targets_of(
+    state: dict[str, torch.Tensor],
+    rows: dict[str, tuple[int, ...]] | None = None,
+    moments: dict[str, np.ndarray] | None = None,
+) -> list[Target]:
     """Targets of a state dict; entries sharing storage (tied weights) become aliases. rows[name]:
     the only rows of that tensor the loss reads (see estimate.read_rows); moments[name]: the
     second moment of its inputs (see moments.input_moments)."""
@@ -165,7 +171,7 @@ def gptq_codes(x: np.ndarray, js, u: np.ndarray, block: int = 32) -> np.ndarray:
             q = np.rint(x[:, :, i])
             codes[:, :, i] = q
             errs[:, :, i - lo] = e = (x[:, :, i] - q) / u[i, i]
-            x[:, :, i + 1:hi] -= e[:, :, None] * u[i, i + 1:hi]
+            x[:, :, i + 1 : hi] -= e[:, :, None] * u[i, i + 1 : hi]
         x[:, :, hi:] -= errs @ u[lo:hi, hi:]
     return codes
 
@@ -182,7 +188,7 @@ def round_rows(t: Target, x: np.ndarray, js, chunk: int = 16) -> np.ndarray:
     rounded to nearest, or with error feedback in the H-norm where t.h is known (chunks of bins)."""
     if t.h is None:
         return np.stack([quantize(x, j) for j in js])
-    return np.concatenate([gptq_codes(x, js[i:i + chunk], t.whitened()[4]) for i in range(0, len(js), chunk)])
+    return np.concatenate([gptq_codes(x, js[i : i + chunk], t.whitened()[4]) for i in range(0, len(js), chunk)])
 
 
 def dense_codes(t: Target, j: int, fourier: int = 0) -> np.ndarray:
@@ -226,8 +232,9 @@ def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None, fourier: in
     a = to_fourier(a, fourier)
     jb = ja if jb is None else jb
     codes = tuple(c.ravel() for c in factor_codes(t, a, b, ja, jb))
-    return Entry(t.name, t.shape, t.tensor.dtype, "lowrank", codes=codes, bins=(ja, jb), rank=k, rows=t.rows,
-                 fourier=fourier)
+    return Entry(
+        t.name, t.shape, t.tensor.dtype, "lowrank", codes=codes, bins=(ja, jb), rank=k, rows=t.rows, fourier=fourier
+    )
 
 
 def raw_entry(t: Target) -> Entry:

@@ -23,9 +23,9 @@ LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
 def _zstd_compress(data: bytes) -> bytes:
-    params = zstandard.ZstdCompressionParameters.from_level(ZSTD_LEVEL, source_size=len(data),
-                                                            write_checksum=0, write_content_size=1,
-                                                            write_dict_id=0)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        ZSTD_LEVEL, source_size=len(data), write_checksum=0, write_content_size=1, write_dict_id=0
+    )
     return zstandard.ZstdCompressor(compression_params=params).compress(data)
 
 
@@ -36,8 +36,10 @@ def _zstd_decompress(data: bytes) -> bytes:
 BYTE_CODECS = {
     "zstd": (_zstd_compress, _zstd_decompress),
     "bz2": (lambda d: bz2.compress(d, BZ2_LEVEL), bz2.decompress),
-    "lzma": (lambda d: lzma.compress(d, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
-             lambda d: lzma.decompress(d, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)),
+    "lzma": (
+        lambda d: lzma.compress(d, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
+        lambda d: lzma.decompress(d, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
+    ),
 }
 ENTROPY_CODEC = "ans"
 CODEC_IDS = {"zstd": 0, "bz2": 1, "lzma": 2, ENTROPY_CODEC: 3}
@@ -53,10 +55,12 @@ def codec_versions() -> dict[str, str]:
         cv = version("constriction")
     except Exception:  # pragma: no cover - metadata missing in odd installs
         cv = "unknown"
-    return {"zstd": f"zstd {zv} (zstandard {zstandard.__version__}) level {ZSTD_LEVEL}",
-            "bz2": f"bzip2 (python {platform.python_version()}) level {BZ2_LEVEL}",
-            "lzma": f"lzma raw LZMA2 (python {platform.python_version()}) preset 9e",
-            ENTROPY_CODEC: f"constriction {cv} ANS, per-array histogram or quantized Laplace model"}
+    return {
+        "zstd": f"zstd {zv} (zstandard {zstandard.__version__}) level {ZSTD_LEVEL}",
+        "bz2": f"bzip2 (python {platform.python_version()}) level {BZ2_LEVEL}",
+        "lzma": f"lzma raw LZMA2 (python {platform.python_version()}) preset 9e",
+        ENTROPY_CODEC: f"constriction {cv} ANS, per-array histogram or quantized Laplace model",
+    }
 
 
 # ---------------------------------------------------------------- entropy models
@@ -101,7 +105,7 @@ def choose_model(codes: np.ndarray) -> tuple:
     lo, hi = int(codes.min()), int(codes.max())
     if lo == hi:
         return ("const", lo)
-    if hi - lo >= 2**PROB_FLOOR_BITS or lo < -2**31 or hi >= 2**31:  # constriction: 24-bit probabilities, i32 symbols
+    if hi - lo >= 2**PROB_FLOOR_BITS or lo < -(2**31) or hi >= 2**31:  # constriction: 24-bit probabilities, i32 symbols
         raise ValueError(f"codes in [{lo}, {hi}] are too wide for the entropy coder; use a byte codec")
     counts = np.bincount(codes - lo)
     hist_cost = empirical_bits(codes) + 8 * sum(len(varint(int(c))) for c in counts)
@@ -181,7 +185,7 @@ class Reader:
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
             raise ValueError("payload is truncated or corrupt")
-        chunk = self.data[self.pos:self.pos + n]
+        chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import bz2
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -59,8 +59,17 @@ def choices_of(entries: list[Entry]) -> list[dict]:
     """Per entry: name, kind, rank, bin widths, rows: how many rows are coded where the loss
     reads only some (the others decode to zero), else None, and fourier: how many leading rows
     (of the matrix, or of its factor A) are coded as Fourier coefficients, else None."""
-    return [{"name": e.name, "kind": e.kind, "rank": e.rank, "bins": [bin_width(j) for j in e.bins],
-             "rows": len(e.rows) or None, "fourier": e.fourier or None} for e in entries]
+    return [
+        {
+            "name": e.name,
+            "kind": e.kind,
+            "rank": e.rank,
+            "bins": [bin_width(j) for j in e.bins],
+            "rows": len(e.rows) or None,
+            "fourier": e.fourier or None,
+        }
+        for e in entries
+    ]
 
 
 def check_eps(eps) -> list[float]:
@@ -117,9 +126,17 @@ def _reads_from(oracle: LossOracle, base: float, name: str, start: int) -> bool:
         return True
 
 
-def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float], eps=PAPER_EPS, *,
-             lowrank: bool = True, polish: bool = True, data_aware: bool = True, eval_fn: Callable | None = None,
-             seed: int = 0) -> list[Result]:
+def estimate(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module], float],
+    eps=PAPER_EPS,
+    *,
+    lowrank: bool = True,
+    polish: bool = True,
+    data_aware: bool = True,
+    eval_fn: Callable | None = None,
+    seed: int = 0,
+) -> list[Result]:
     """Complexity of `model` at every eps; one Result per eps, in the order given.
 
     loss_fn(module) -> mean training loss (nats) of that module. eval_fn(module) -> dict of
@@ -147,8 +164,23 @@ def estimate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float]
     for e in eps:
         payload, loss, sizes, entries = min((v for v in verified if v[1] <= base + e), key=lambda v: len(v[0]))
         extra = _extra(eval_fn, oracle, payload)
-        results.append(Result(e, 8 * len(payload), payload, min(sizes, key=sizes.get), sizes, naive, base, loss,
-                              choices_of(entries), oracle.calls, seconds, "mdlgrok", extra))
+        results.append(
+            Result(
+                e,
+                8 * len(payload),
+                payload,
+                min(sizes, key=sizes.get),
+                sizes,
+                naive,
+                base,
+                loss,
+                choices_of(entries),
+                oracle.calls,
+                seconds,
+                "mdlgrok",
+                extra,
+            )
+        )
     return results
 
 

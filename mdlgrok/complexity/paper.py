@@ -21,15 +21,15 @@ import io
 import math
 import pickle
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from mdlgrok.complexity.coarse import paper_rank, rank_for_tau, targets_of
+from mdlgrok.complexity.estimate import PAPER_EPS
 from mdlgrok.complexity.payload import matrix_shape
 from mdlgrok.complexity.search import LossOracle
-from mdlgrok.complexity.estimate import PAPER_EPS
 
 INFEASIBLE_SCORE = -3e5  # the paper's flat score for a point violating the constraint
 PROBES = ({"tau": 1.0, "log_delta": -3.0}, {"tau": 0.5, "log_delta": -1.5})  # the 2 fixed probes
@@ -61,9 +61,14 @@ def size_bytes(arrays: dict[str, list[np.ndarray]]) -> bytes:
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays in dicts and lists, nothing else: no code runs."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -77,15 +82,25 @@ def decode_paper(payload: bytes, shapes: dict[str, tuple[int, ...]] | None = Non
     tensors it holds are those the paper coarse-grains; load with strict=False."""
     arrays = _ArrayUnpickler(io.BytesIO(bz2.decompress(payload))).load()
     shapes = shapes or {}
-    return {name: torch.from_numpy(_product(a).reshape(shapes.get(name, _product(a).shape))) for name, a in arrays.items()}
+    return {
+        name: torch.from_numpy(_product(a).reshape(shapes.get(name, _product(a).shape))) for name, a in arrays.items()
+    }
 
 
 def _product(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] @ arrays[1] if len(arrays) == 2 else arrays[0]
 
 
-def paper_estimate(model: torch.nn.Module, loss_fn: Callable, eps=PAPER_EPS, *, eval_fn=None, seed: int = 0,
-                   constraint_fn: Callable | None = None, rank_rule=paper_rank):
+def paper_estimate(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    eps=PAPER_EPS,
+    *,
+    eval_fn=None,
+    seed: int = 0,
+    constraint_fn: Callable | None = None,
+    rank_rule=paper_rank,
+):
     """The paper's procedure: one Bayesian-optimization search per eps; Results like `estimate`'s,
     whose payloads `decode_paper` reads. constraint_fn(module) -> loss on one minibatch
     reproduces the paper's last-minibatch check (the reported coarse loss is still loss_fn's)."""
@@ -104,7 +119,7 @@ def paper_estimate(model: torch.nn.Module, loss_fn: Callable, eps=PAPER_EPS, *, 
         t0, calls0 = time.perf_counter(), oracle.calls
         points: list[tuple[bytes, float, tuple[float, float]]] = []
 
-        def objective(tau: float, log_delta: float) -> float:
+        def objective(tau: float, log_delta: float, e: float = e, points: list = points) -> float:
             payload = size_bytes(coarse_arrays(targets, tau, 10.0**log_delta, rank_rule))
             state = decode_paper(payload, shapes)
             loss = oracle(state)
@@ -121,9 +136,23 @@ def paper_estimate(model: torch.nn.Module, loss_fn: Callable, eps=PAPER_EPS, *, 
             # measured, not assumed: float32 is lossless only for float32 (and narrower) weights
             loss, tau, log_delta = oracle(decode_paper(payload, shapes)), 1.0, -math.inf
         extra = _paper_extra(eval_fn, oracle, payload, shapes)
-        results.append(Result(e, 8 * len(payload), payload, "bz2-pickle", {"bz2-pickle": 8 * len(payload)}, naive,
-                              base, loss, paper_choices(payload, tau, 10.0**log_delta), oracle.calls - calls0,
-                              time.perf_counter() - t0, "paper", extra))
+        results.append(
+            Result(
+                e,
+                8 * len(payload),
+                payload,
+                "bz2-pickle",
+                {"bz2-pickle": 8 * len(payload)},
+                naive,
+                base,
+                loss,
+                paper_choices(payload, tau, 10.0**log_delta),
+                oracle.calls - calls0,
+                time.perf_counter() - t0,
+                "paper",
+                extra,
+            )
+        )
     return results
 
 
@@ -131,15 +160,30 @@ def paper_choices(payload: bytes, tau: float, delta: float) -> list[dict]:
     """Per coded tensor, as estimate's choices: name, kind (lowrank or dense), rank, bins, and
     the global tau of the search."""
     arrays = _ArrayUnpickler(io.BytesIO(bz2.decompress(payload))).load()
-    return [{"name": name, "kind": "lowrank" if len(a) == 2 else "dense", "rank": a[0].shape[1] if len(a) == 2 else None,
-             "bins": [delta] * len(a), "rows": None, "fourier": None, "tau": tau} for name, a in arrays.items()]
+    return [
+        {
+            "name": name,
+            "kind": "lowrank" if len(a) == 2 else "dense",
+            "rank": a[0].shape[1] if len(a) == 2 else None,
+            "bins": [delta] * len(a),
+            "rows": None,
+            "fourier": None,
+            "tau": tau,
+        }
+        for name, a in arrays.items()
+    ]
 
 
 def _bayes_opt(objective: Callable[[float, float], float], seed: int) -> None:
     from bayes_opt import BayesianOptimization
 
-    opt = BayesianOptimization(f=objective, pbounds={"tau": (0.0, 1.0), "log_delta": (-3.0, 0.0)},
-                               random_state=seed, verbose=0, allow_duplicate_points=True)
+    opt = BayesianOptimization(
+        f=objective,
+        pbounds={"tau": (0.0, 1.0), "log_delta": (-3.0, 0.0)},
+        random_state=seed,
+        verbose=0,
+        allow_duplicate_points=True,
+    )
     for probe in PROBES:
         opt.probe(params=probe, lazy=True)
     opt.maximize(init_points=INIT_POINTS, n_iter=N_ITER)

@@ -36,16 +36,36 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mdlgrok.complexity.codecs import (BYTE_CODECS, CODEC_IDS, CODEC_NAMES, ENTROPY_CODEC, Reader, ans_decode,
-                                       ans_encode, choose_model, varint, zigzag)
+from mdlgrok.complexity.codecs import (
+    BYTE_CODECS,
+    CODEC_IDS,
+    CODEC_NAMES,
+    ENTROPY_CODEC,
+    Reader,
+    ans_decode,
+    ans_encode,
+    choose_model,
+    varint,
+    zigzag,
+)
 
 MAGIC = 0xD1
 BIN_STEPS = 8  # bins on a grid of 2^(1/8)
 KINDS = ("zero", "dense", "lowrank", "raw", "alias")
 ROWS_FLAG = 0x80  # on the kind byte: the entry covers only the listed rows
 FOURIER_FLAG = 0x40  # on the kind byte: the first f rows are Fourier coefficients
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-          torch.int16, torch.int8, torch.uint8, torch.bool)
+DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
 
 
 def bin_width(j: int) -> float:
@@ -134,7 +154,7 @@ def _coded_tensor(e: Entry, shape: tuple[int, ...], earlier: list[torch.Tensor] 
     raise ValueError(f"unknown entry kind {e.kind!r}")
 
 
-def state_dict_of(entries: list[Entry]) -> "OrderedDict[str, torch.Tensor]":
+def state_dict_of(entries: list[Entry]) -> OrderedDict[str, torch.Tensor]:
     out: list[torch.Tensor] = []
     for e in entries:
         out.append(entry_tensor(e, out))
@@ -182,8 +202,11 @@ def _read_header(r: Reader) -> list[Entry]:
         name = r.take(r.varint()).decode()
         dtype_id, kind_byte = r.take(2)
         kind_id, has_rows, has_fourier = kind_byte & 0x3F, bool(kind_byte & ROWS_FLAG), bool(kind_byte & FOURIER_FLAG)
-        if dtype_id >= len(DTYPES) or kind_id >= len(KINDS) or (
-                (has_rows or has_fourier) and KINDS[kind_id] not in ("dense", "lowrank")):
+        if (
+            dtype_id >= len(DTYPES)
+            or kind_id >= len(KINDS)
+            or ((has_rows or has_fourier) and KINDS[kind_id] not in ("dense", "lowrank"))
+        ):
             raise ValueError("payload is corrupt (unknown dtype or kind)")
         shape = tuple(r.varint() for _ in range(r.varint()))
         e = Entry(name, shape, DTYPES[dtype_id], KINDS[kind_id])
@@ -341,6 +364,6 @@ def _decode_body(body: bytes, codec: str) -> list[Entry]:
     return entries
 
 
-def decode(payload: bytes) -> "OrderedDict[str, torch.Tensor]":
+def decode(payload: bytes) -> OrderedDict[str, torch.Tensor]:
     """Rebuild the coarse-grained state dict from a payload alone."""
     return state_dict_of(decode_entries(payload)[0])

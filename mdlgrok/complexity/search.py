@@ -24,15 +24,25 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
+from mdlgrok.complexity.coarse import (
+    Target,
+    bin_index,
+    dense_entry,
+    factors,
+    lowrank_entry,
+    quantize,
+    raw_entry,
+    round_rows,
+    to_fourier,
+    zero_entry,
+)
 from mdlgrok.complexity.codecs import empirical_bits
-from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, lowrank_entry, quantize, raw_entry,
-                                       round_rows, to_fourier, zero_entry)
 from mdlgrok.complexity.payload import Entry, bin_width, entry_tensor, matrix_shape
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
@@ -43,8 +53,39 @@ SHRINKAGE = (0.0, 0.25, 0.5)  # exponents beta tried for the sensitivities
 MAX_SHIFT = 4  # calibration: decoded bins at most 2^(4/8) from the coding bin
 POLISH_PASSES = 2
 POLISH_MIN_SHARE = 0.01  # polish tensors holding at least 1% of the bits
-RANKS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224,
-         256, 320, 384, 448, 512)
+RANKS = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    12,
+    14,
+    16,
+    20,
+    24,
+    28,
+    32,
+    40,
+    48,
+    56,
+    64,
+    80,
+    96,
+    112,
+    128,
+    160,
+    192,
+    224,
+    256,
+    320,
+    384,
+    448,
+    512,
+)
 
 
 class LossError(ValueError):
@@ -160,7 +201,7 @@ def _prefix_bits(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Empirical-entropy bits of rows[:k + 1] (all of them together) for every k in idx."""
     lo, width = int(rows.min()), int(rows.max() - rows.min()) + 1
     if width * len(rows) > 4_000_000:  # very fine bins: one histogram per prefix
-        return np.array([empirical_bits(rows[:k + 1]) for k in idx])
+        return np.array([empirical_bits(rows[: k + 1]) for k in idx])
     offsets = (np.arange(len(rows)) * width)[:, None]
     hist = np.bincount((rows - lo + offsets).ravel(), minlength=len(rows) * width).reshape(len(rows), width)
     counts = np.cumsum(hist, axis=0)[idx].astype(np.float64)
@@ -225,8 +266,15 @@ Choice = tuple[tuple[int, ...], tuple[int, ...]]  # (hull index, bin shift) per 
 class Search:
     """State of one checkpoint's search, shared by all eps."""
 
-    def __init__(self, targets: list[Target], oracle: LossOracle, base: float, lowrank: bool = True, seed: int = 0,
-                 sens: list[float] | None = None):
+    def __init__(
+        self,
+        targets: list[Target],
+        oracle: LossOracle,
+        base: float,
+        lowrank: bool = True,
+        seed: int = 0,
+        sens: list[float] | None = None,
+    ):
         """sens: the sensitivities of the quantizable targets, if another search measured them."""
         self.targets, self.oracle, self.base = targets, oracle, base
         self.free = [t for t in targets if t.quantizable]
@@ -306,8 +354,10 @@ class Search:
         loss, one tensor at a time, largest first. Coarse-graining upsets the scale of what a
         LayerNorm passes on and the confidence of the logits; a scale can give some of it back."""
         shift, best = list(shift), self.loss(config, shift)
-        order = sorted((i for i in range(len(config)) if self.hulls[i][config[i]].kind != "zero"),
-                       key=lambda i: -self.hulls[i][config[i]].bits)
+        order = sorted(
+            (i for i in range(len(config)) if self.hulls[i][config[i]].kind != "zero"),
+            key=lambda i: -self.hulls[i][config[i]].bits,
+        )
         for i in order:
             for step in (1, -1):
                 moved = False
@@ -344,8 +394,10 @@ class Search:
         config = list(config)
         total = self.bits(tuple(config))
         for _ in range(POLISH_PASSES):
-            order = sorted((i for i in range(len(config)) if config[i] + 1 < len(self.hulls[i])),
-                           key=lambda i: self.hulls[i][config[i] + 1].bits - self.hulls[i][config[i]].bits)
+            order = sorted(
+                (i for i in range(len(config)) if config[i] + 1 < len(self.hulls[i])),
+                key=lambda i: self.hulls[i][config[i] + 1].bits - self.hulls[i][config[i]].bits,
+            )
             changed = False
             for i in order:
                 if self.hulls[i][config[i]].bits < POLISH_MIN_SHARE * total:

@@ -21,8 +21,10 @@ from mdlgrok.training.objective import evaluate
 
 LN2 = math.log(2)
 # The options each estimator runs with here (estimate's and paper_estimate's defaults), as recorded in every row.
-OPTIONS = {"mdlgrok": {"lowrank": True, "polish": True, "data_aware": True, "seed": 0},
-           "paper": {"seed": 0, "constraint": "full training set"}}
+OPTIONS = {
+    "mdlgrok": {"lowrank": True, "polish": True, "data_aware": True, "seed": 0},
+    "paper": {"seed": 0, "constraint": "full training set"},
+}
 
 
 def options_of(cfg) -> str:
@@ -35,6 +37,7 @@ def expected(cfg) -> set[tuple]:
 
 def closures(data):
     """loss_fn (mean train loss, nats) and eval_fn (the other coarse metrics) for a dataset."""
+
     def loss_fn(model):
         return evaluate(model, data.x_train, data.y_train)[0]
 
@@ -50,8 +53,13 @@ def run_estimator(model: torch.nn.Module, data, cfg):
     """The Results of cfg.estimator on one model, all of cfg.eps."""
     loss_fn, eval_fn = closures(data)
     search = estimate if cfg.estimator == "mdlgrok" else paper_estimate
-    return search(model, loss_fn, list(cfg.eps), eval_fn=eval_fn, **{k: v for k, v in OPTIONS[cfg.estimator].items()
-                                                                       if k in ("lowrank", "polish", "data_aware", "seed")})
+    return search(
+        model,
+        loss_fn,
+        list(cfg.eps),
+        eval_fn=eval_fn,
+        **{k: v for k, v in OPTIONS[cfg.estimator].items() if k in ("lowrank", "polish", "data_aware", "seed")},
+    )
 
 
 def result_rows(results, n_train: int, cfg) -> list[dict]:
@@ -60,13 +68,25 @@ def result_rows(results, n_train: int, cfg) -> list[dict]:
     rows = []
     for r in results:
         data_bits = r.coarse_loss * n_train / LN2  # sum_i -log2 p(y_i | x_i) under the coarse model
-        values = {"complexity_bits": r.bits, "naive_bits": r.naive_bits, "compression_ratio": r.ratio,
-                  "coarse_train_loss": r.coarse_loss, "data_bits": data_bits, "description_bits": r.bits + data_bits,
-                  "loss_evals": r.loss_evals, "estimator_seconds": r.seconds, **r.extra}
-        rows += [{"metric": m, "value": v, "eps": r.eps, "codec": r.codec if m == "complexity_bits" else "", **tag}
-                 for m, v in values.items()]
-        rows += [{"metric": "codec_bits", "value": bits, "eps": r.eps, "codec": codec, **tag}
-                 for codec, bits in r.codec_bits.items()]
+        values = {
+            "complexity_bits": r.bits,
+            "naive_bits": r.naive_bits,
+            "compression_ratio": r.ratio,
+            "coarse_train_loss": r.coarse_loss,
+            "data_bits": data_bits,
+            "description_bits": r.bits + data_bits,
+            "loss_evals": r.loss_evals,
+            "estimator_seconds": r.seconds,
+            **r.extra,
+        }
+        rows += [
+            {"metric": m, "value": v, "eps": r.eps, "codec": r.codec if m == "complexity_bits" else "", **tag}
+            for m, v in values.items()
+        ]
+        rows += [
+            {"metric": "codec_bits", "value": bits, "eps": r.eps, "codec": codec, **tag}
+            for codec, bits in r.codec_bits.items()
+        ]
     return rows
 
 
@@ -76,9 +96,20 @@ def save_payloads(results, folder: Path, epoch: int, estimator: str) -> None:
     for r in results:
         name = f"epoch_{epoch:06d}_eps_{r.eps:g}.{estimator}.bin"
         atomic_write(folder / name, lambda tmp, p=r.payload: tmp.write_bytes(p))
-        info.append({"eps": r.eps, "estimator": estimator, "version": VERSION, "file": name, "bits": r.bits,
-                     "codec": r.codec, "codec_bits": r.codec_bits, "choices": r.choices, "coarse_loss": r.coarse_loss,
-                     "base_loss": r.base_loss})
+        info.append(
+            {
+                "eps": r.eps,
+                "estimator": estimator,
+                "version": VERSION,
+                "file": name,
+                "bits": r.bits,
+                "codec": r.codec,
+                "codec_bits": r.codec_bits,
+                "choices": r.choices,
+                "coarse_loss": r.coarse_loss,
+                "base_loss": r.base_loss,
+            }
+        )
     write_json(folder / f"epoch_{epoch:06d}.{estimator}.json", {"codecs": codec_versions(), "results": info})
 
 

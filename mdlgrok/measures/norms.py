@@ -16,7 +16,12 @@ def expected(cfg) -> set[tuple]:
 
 def measure(model, data, cfg, payloads=None, epoch: int = 0) -> list[dict]:
     ranks = [float(r) for r in effective_ranks(model)]
-    values = {"weight_norm": weight_norm(model), "spectral_entropy": float(mean_spectral_entropy(model).detach()),
-              "effective_rank": sum(ranks) / len(ranks)}
-    return [{"metric": k, "value": v, "estimator": NAME, "estimator_version": VERSION, "options": OPTIONS}
-            for k, v in values.items()]
+    values = {
+        "weight_norm": weight_norm(model),
+        "spectral_entropy": float(mean_spectral_entropy(model).detach()),
+        "effective_rank": sum(ranks) / len(ranks),
+    }
+    return [
+        {"metric": k, "value": v, "estimator": NAME, "estimator_version": VERSION, "options": OPTIONS}
+        for k, v in values.items()
+    ]

@@ -31,8 +31,9 @@ def command(a, measure: MeasureConfig | None = None) -> int:
     else:
         if a.again or measure is not None:
             raise ValueError("--again and the measure options go with --measure-only")
-        table = run_sweep(a.experiment, share=not a.no_share, stack=a.stack, device=a.device,
-                          stack_size=a.stack_size, **common)
+        table = run_sweep(
+            a.experiment, share=not a.no_share, stack=a.stack, device=a.device, stack_size=a.stack_size, **common
+        )
     outcomes = table.attrs["outcomes"]
     if a.measure_only:
         bad = [o for o in outcomes if o["state"] == "error"]
@@ -41,8 +42,11 @@ def command(a, measure: MeasureConfig | None = None) -> int:
         bad = [o for o in outcomes if o["state"] in ("failed", "error") or o.get("was") == "failed"]
         left = []
     exp = load_experiment(a.experiment)
-    print(f"{Path(a.root) / exp.name / TABLE_FILE}: {table.run_id.nunique()} runs, {len(table)} rows"
-          + (f"; {len(bad)} failed" if bad else "") + (f"; {len(left)} not complete, not measured" if left else ""))
+    print(
+        f"{Path(a.root) / exp.name / TABLE_FILE}: {table.run_id.nunique()} runs, {len(table)} rows"
+        + (f"; {len(bad)} failed" if bad else "")
+        + (f"; {len(left)} not complete, not measured" if left else "")
+    )
     return 1 if bad else 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 
 from mdlgrok.measure import threads_per_worker
@@ -45,8 +44,10 @@ def import_submitit():
     try:
         import submitit
     except ImportError:
-        raise ExecutorUnavailable("the slurm and submitit-local executors need submitit: "
-                                  "pip install 'mdlgrok[slurm]' (or pip install submitit)") from None
+        raise ExecutorUnavailable(
+            "the slurm and submitit-local executors need submitit: "
+            "pip install 'mdlgrok[slurm]' (or pip install submitit)"
+        ) from None
     return submitit
 
 
@@ -59,8 +60,9 @@ def check_executor(executor: str, jobs: int | None) -> None:
     if executor != "local":
         import_submitit()
     if executor == "slurm" and (shutil.which("sbatch") is None or shutil.which("srun") is None):
-        raise ExecutorUnavailable("--executor slurm: no Slurm here (sbatch or srun not found); "
-                                  "use --executor local or submitit-local")
+        raise ExecutorUnavailable(
+            "--executor slurm: no Slurm here (sbatch or srun not found); use --executor local or submitit-local"
+        )
 
 
 class Resumable:
@@ -102,9 +104,16 @@ def use_stacks(stack: str, device: str) -> bool:
     return stack == "on" or (stack == "auto" and device != "cpu")
 
 
-def execute(fn, tasks: list[tuple[str, str, tuple]], jobs: int | None, threads: int | None,
-             executor: str = "local", slurm: SlurmOptions | None = None, folder: Path | None = None,
-             name: str = "mdlgrok"):
+def execute(
+    fn,
+    tasks: list[tuple[str, str, tuple]],
+    jobs: int | None,
+    threads: int | None,
+    executor: str = "local",
+    slurm: SlurmOptions | None = None,
+    folder: Path | None = None,
+    name: str = "mdlgrok",
+):
     """Outcomes of fn(*args, threads) for tasks of (key, path, args), in the order they finish."""
     if not tasks:
         return
@@ -166,9 +175,15 @@ def execute_submitit(fn, tasks, jobs, threads, executor, slurm: SlurmOptions, fo
                     yield job.result()
                 except Exception as exc:  # the job, not fn, failed: fn never raises
                     text = str(exc)
-                    yield {"key": key, "path": path, "state": "error", "threads": threads, "seconds": 0.0,
-                           "reason": f"submitit job {job.job_id}: {text.strip().splitlines()[0] if text.strip() else type(exc).__name__}",
-                           "traceback": f"{type(exc).__name__}: {text}\n(logs in {logs})"}
+                    yield {
+                        "key": key,
+                        "path": path,
+                        "state": "error",
+                        "threads": threads,
+                        "seconds": 0.0,
+                        "reason": f"submitit job {job.job_id}: {first_line(text) or type(exc).__name__}",
+                        "traceback": f"{type(exc).__name__}: {text}\n(logs in {logs})",
+                    }
             if not finished:
                 time.sleep(poll)
     finally:  # on an interrupt (or an early close), jobs still queued or running are cancelled
@@ -177,3 +192,7 @@ def execute_submitit(fn, tasks, jobs, threads, executor, slurm: SlurmOptions, fo
                 job.cancel(check=False)
             except Exception:  # pragma: no cover - best effort
                 pass
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""

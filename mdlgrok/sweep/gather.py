@@ -15,9 +15,21 @@ from mdlgrok.config import CONFIG_COLUMNS, EXTRA_COLUMNS
 from mdlgrok.runs import MEASURE_COLUMNS, METRICS_FILE, RunDir, rows_to_frame, write_table
 
 TABLE_FILE = "table.parquet"
-CONFIG_TYPES = {"run_id": str, "task": str, "p": "int64", "frac": "float64", "model": str, "layers": "int64",
-                "attention": str, "preset": str, "wd": "float64", "gamma": "float64", "sigma": "float64",
-                "seed": "int64", "epochs": "int64"}
+CONFIG_TYPES = {
+    "run_id": str,
+    "task": str,
+    "p": "int64",
+    "frac": "float64",
+    "model": str,
+    "layers": "int64",
+    "attention": str,
+    "preset": str,
+    "wd": "float64",
+    "gamma": "float64",
+    "sigma": "float64",
+    "seed": "int64",
+    "epochs": "int64",
+}
 
 
 def gather(folder: str | Path, keys: list[str] | None = None) -> pd.DataFrame:
@@ -38,8 +50,11 @@ def gather(folder: str | Path, keys: list[str] | None = None) -> pd.DataFrame:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in ["run_id", *CONFIG_COLUMNS, *MEASURE_COLUMNS[1:]]})
     metrics = pd.read_parquet([str(r.metrics) for r in runs])
     measured = [str(r.measures) for r in runs if r.measures.is_file()]
-    rows = pd.concat([rows_to_frame(metrics.to_dict("records"), MEASURE_COLUMNS)]
-                     + ([pd.read_parquet(measured)] if measured else []), ignore_index=True)
+    rows = pd.concat(
+        [rows_to_frame(metrics.to_dict("records"), MEASURE_COLUMNS)]
+        + ([pd.read_parquet(measured)] if measured else []),
+        ignore_index=True,
+    )
     table = with_configs(rows, [{"run_id": r.path.name, **json.loads(r.config.read_text())} for r in runs])
     write_table(folder / TABLE_FILE, table)
     return table
@@ -54,8 +69,12 @@ def with_configs(rows: pd.DataFrame, configs: list[dict]) -> pd.DataFrame:
     return table[["run_id", *CONFIG_COLUMNS, *extras, *MEASURE_COLUMNS[1:]]]
 
 
-def convert_table(table: pd.DataFrame, versions: dict[str, str] | None = None, options: dict[str, str] | None = None,
-                  default_version: str = "unknown") -> pd.DataFrame:
+def convert_table(
+    table: pd.DataFrame,
+    versions: dict[str, str] | None = None,
+    options: dict[str, str] | None = None,
+    default_version: str = "unknown",
+) -> pd.DataFrame:
     """A gathered table of an older version in the current layout: run ids renamed to the current
     run keys, estimator_version and options columns added to its measure rows (`versions` and
     `options` map an old run id to them; older tables did not record them)."""
@@ -66,8 +85,10 @@ def convert_table(table: pd.DataFrame, versions: dict[str, str] | None = None, o
         return table
     versions, options = versions or {}, options or {}
     measured = table.eps.notna() | (table.estimator != "")
-    table = table.assign(estimator_version=table.run_id.map(lambda r: versions.get(r, default_version)).where(measured, ""),
-                         options=table.run_id.map(lambda r: options.get(r, "{}")).where(measured, ""))
+    table = table.assign(
+        estimator_version=table.run_id.map(lambda r: versions.get(r, default_version)).where(measured, ""),
+        options=table.run_id.map(lambda r: options.get(r, "{}")).where(measured, ""),
+    )
     runs = table.drop_duplicates("run_id")
     fields = [c for c in table.columns if c in TrainConfig.__dataclass_fields__]
     keys = {r["run_id"]: run_key(TrainConfig(**{c: _plain(r[c]) for c in fields})) for r in runs.to_dict("records")}

@@ -32,7 +32,9 @@ def run_state(path: Path, cfg: TrainConfig) -> tuple[str, int]:
         try:
             saved = TrainConfig.from_dict(json.loads(run.config.read_text()))
         except (ValueError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{run.config} is unreadable ({exc}); convert it (mdlgrok convert) or remove the run folder") from None
+            raise ValueError(
+                f"{run.config} is unreadable ({exc}); convert it (mdlgrok convert) or remove the run folder"
+            ) from None
         if canonical(saved) != canonical(cfg):
             raise ValueError(f"{run.path} holds a run of a different config than its key says; remove it")
     try:
@@ -91,4 +93,4 @@ def stack_groups(runs: list[PlannedRun], size: int) -> list[list[PlannedRun]]:
     for r in runs:
         key = (*(getattr(r.cfg, f) for f in SHARED_FIELDS), RunDir(r.path).last_checkpoint_epoch())
         groups.setdefault(key, []).append(r)
-    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]

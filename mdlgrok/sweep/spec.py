@@ -57,14 +57,16 @@ class Experiment:
     source: str = "<experiment>"
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "<experiment>") -> "Experiment":
+    def from_dict(cls, d: dict, source: str = "<experiment>") -> Experiment:
         where = source
         if not isinstance(d, dict):
             raise ValueError(f"{where}: an experiment is a table")
         unknown = sorted(set(d) - TOP_LEVEL)
         if unknown:
-            raise ValueError(f"{where}: unknown top-level key(s) {', '.join(map(repr, unknown))}; "
-                             f"expected {', '.join(sorted(TOP_LEVEL))}")
+            raise ValueError(
+                f"{where}: unknown top-level key(s) {', '.join(map(repr, unknown))}; "
+                f"expected {', '.join(sorted(TOP_LEVEL))}"
+            )
         if "name" not in d and source == "<experiment>":
             raise ValueError(f"{where}: an experiment needs a name")
         name = d.get("name", Path(source).stem)  # a file's name defaults to its stem
@@ -80,8 +82,10 @@ class Experiment:
             raw_grids = [raw_grids]
         if not isinstance(raw_grids, list) or not raw_grids or not all(isinstance(g, dict) for g in raw_grids):
             raise ValueError(f"{where}: [grid] must be a table (or [[grid]] tables) of lists")
-        grids = [parse_grid(g, f"{where} [grid]" if len(raw_grids) == 1 else f"{where} [[grid]] #{i + 1}")
-                 for i, g in enumerate(raw_grids)]
+        grids = [
+            parse_grid(g, f"{where} [grid]" if len(raw_grids) == 1 else f"{where} [[grid]] #{i + 1}")
+            for i, g in enumerate(raw_grids)
+        ]
         lengths = d.get("lengths", {})
         if not isinstance(lengths, dict):
             raise ValueError(f"{where}: [lengths] must be a table of name = epochs")
@@ -93,8 +97,15 @@ class Experiment:
         description = d.get("description", "")
         if not isinstance(description, str):
             raise ValueError(f"{where}: description must be a string")
-        return cls(name=name, base=base, grids=grids, lengths=dict(lengths), measure=measure,
-                   description=description, source=source)
+        return cls(
+            name=name,
+            base=base,
+            grids=grids,
+            lengths=dict(lengths),
+            measure=measure,
+            description=description,
+            source=source,
+        )
 
     def grid_fields(self) -> list[str]:
         """Fields that some grid varies, in order of first appearance."""
@@ -155,12 +166,13 @@ def load_experiment(experiment: str | Path | dict | Experiment) -> Experiment:
         raise ValueError(f"{path}: not a text file") from None
     return Experiment.from_dict(d, source=str(path))
 
+
 def expand(experiment: str | Path | dict | Experiment, length: str | None = None) -> list[TrainConfig]:
     """Every run of the experiment, validated; identical resolved configs appear once."""
     exp = load_experiment(experiment)
     epochs = exp.resolve_length(length)
     configs: dict[str, TrainConfig] = {}
-    for g, grid in enumerate(exp.grids):
+    for grid in exp.grids:
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
             point = dict(zip(keys, values))
@@ -198,4 +210,3 @@ def run_key(cfg: TrainConfig) -> str:
             parts.append(f"{short}{getattr(cfg, name):g}")
     parts.append(f"s{cfg.seed}")
     return "-".join(parts + [config_hash(cfg)])
-

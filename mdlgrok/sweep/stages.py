@@ -43,8 +43,12 @@ def train_one(cfg_dict: dict, path: str, measure: dict | None = None, threads: i
     from mdlgrok.training import TrainingFailed, train
 
     start = time.perf_counter()
-    outcome = {"key": Path(path).name, "path": path, "threads": _set_threads(threads),
-               "resumed_from": RunDir(path).last_checkpoint_epoch()}
+    outcome = {
+        "key": Path(path).name,
+        "path": path,
+        "threads": _set_threads(threads),
+        "resumed_from": RunDir(path).last_checkpoint_epoch(),
+    }
     try:
         # resume=True continues a partial run from its last checkpoint and starts a new one afresh
         outcome.update(train(TrainConfig.from_dict(cfg_dict), path, resume=True, progress=False))
@@ -100,10 +104,20 @@ def _measure(path: str, measure: dict, threads: int | None, again: bool = False)
 
 
 # ---------------------------------------------------------------- orchestration
-def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, length: str | None = None,
-              executor: str = "local", progress: bool = True, threads: int | None = None,
-              slurm: SlurmOptions | None = None, share: bool = True, stack: str = "auto",
-              device: str = "auto", stack_size: int = 64) -> pd.DataFrame:
+def run_sweep(
+    experiment,
+    root: str | Path = "runs",
+    jobs: int | None = None,
+    length: str | None = None,
+    executor: str = "local",
+    progress: bool = True,
+    threads: int | None = None,
+    slurm: SlurmOptions | None = None,
+    share: bool = True,
+    stack: str = "auto",
+    device: str = "auto",
+    stack_size: int = 64,
+) -> pd.DataFrame:
     """Run what is missing of an experiment's grid, measure what its [measure] asks, and return
     the gathered table (also written to <root>/<name>/table.parquet).
 
@@ -128,11 +142,12 @@ def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, le
         share_runs(runs, root, say)
     todo = [r for r in runs if r.state in ("new", "partial")]
     done = [r for r in runs if r.state not in ("new", "partial")]
-    say(f"sweep {exp.name}: {len(runs)} runs, {sum(r.state == 'complete' for r in runs)} complete, "
+    say(
+        f"sweep {exp.name}: {len(runs)} runs, {sum(r.state == 'complete' for r in runs)} complete, "
         f"{sum(r.state == 'failed' for r in runs)} failed earlier, {len(todo)} to run"
-        + (f" {_where(executor, jobs, len(todo))}" if todo else ""))
-    outcomes = [{"key": r.key, "path": str(r.path), "state": "skipped", "was": r.state, "epoch": r.epoch}
-                for r in done]
+        + (f" {_where(executor, jobs, len(todo))}" if todo else "")
+    )
+    outcomes = [{"key": r.key, "path": str(r.path), "state": "skipped", "was": r.state, "epoch": r.epoch} for r in done]
     for r in done:
         if r.state == "failed":
             say(f"  {r.key}: failed earlier (status.json); skipped")
@@ -144,21 +159,38 @@ def run_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, le
     else:
         stacks = stack_groups(todo, stack_size)
         if stacks:
-            say(f"  as {len(stacks)} stack{'s' * (len(stacks) > 1)} on {device}: {', '.join(str(len(g)) for g in stacks)} runs")
-        tasks = [(g[0].key, str(g[0].path), ([r.cfg.to_dict() for r in g], [_job_path(r.path, executor) for r in g], device))
-                 for g in stacks]
+            sizes = ", ".join(str(len(g)) for g in stacks)
+            say(f"  as {len(stacks)} stack{'s' * (len(stacks) > 1)} on {device}: {sizes} runs")
+        tasks = [
+            (g[0].key, str(g[0].path), ([r.cfg.to_dict() for r in g], [_job_path(r.path, executor) for r in g], device))
+            for g in stacks
+        ]
         outcomes += _run(train_stack, tasks, f"mdlgrok-{exp.name}", say, **run)
         trained = [r for r in todo if RunDir(r.path).read_status().get("state") == "complete"]
         if measure is not None and trained:
-            measured = _run(measure_one, _measure_tasks(trained, measure, False, executor), f"mdlgrok-measure-{exp.name}", say, **run)
+            measured = _run(
+                measure_one,
+                _measure_tasks(trained, measure, False, executor),
+                f"mdlgrok-measure-{exp.name}",
+                say,
+                **run,
+            )
             outcomes += [o for o in measured if o["state"] == "error"]
     return _gather(root, exp, runs, outcomes)
 
 
-def measure_sweep(experiment, root: str | Path = "runs", jobs: int | None = None, length: str | None = None,
-                  executor: str = "local", progress: bool = True, threads: int | None = None,
-                  slurm: SlurmOptions | None = None, again: bool = False,
-                  measure: MeasureConfig | None = None) -> pd.DataFrame:
+def measure_sweep(
+    experiment,
+    root: str | Path = "runs",
+    jobs: int | None = None,
+    length: str | None = None,
+    executor: str = "local",
+    progress: bool = True,
+    threads: int | None = None,
+    slurm: SlurmOptions | None = None,
+    again: bool = False,
+    measure: MeasureConfig | None = None,
+) -> pd.DataFrame:
     """Measure the checkpoints of the experiment's complete runs, as a stage of its own, with
     `measure` (default: the experiment's [measure], else MeasureConfig()); return the gathered
     table. Each run lacking some row is one task (every complete run with `again`); rows of
@@ -172,9 +204,11 @@ def measure_sweep(experiment, root: str | Path = "runs", jobs: int | None = None
 
     todo = [r for r in complete if again or missing_checkpoints(RunDir(r.path), cfg)]
     say = _say(progress)
-    say(f"measure {exp.name}: {len(runs)} runs, {len(complete)} complete, "
+    say(
+        f"measure {exp.name}: {len(runs)} runs, {len(complete)} complete, "
         f"{len(complete) - len(todo)} measured already, {len(todo)} to measure"
-        + (f" {_where(executor, jobs, len(todo))}" if todo else ""))
+        + (f" {_where(executor, jobs, len(todo))}" if todo else "")
+    )
     outcomes, chosen = [], {r.key for r in todo}
     for r in runs:
         if r.state != "complete":
@@ -182,8 +216,17 @@ def measure_sweep(experiment, root: str | Path = "runs", jobs: int | None = None
             outcomes.append({"key": r.key, "path": str(r.path), "state": "skipped", "was": r.state})
         elif r.key not in chosen:
             outcomes.append({"key": r.key, "path": str(r.path), "state": "skipped", "was": "measured"})
-    outcomes += _run(measure_one, _measure_tasks(todo, cfg.to_dict(), again, executor), f"mdlgrok-measure-{exp.name}",
-                     say, jobs=jobs, threads=threads, executor=executor, slurm=slurm, folder=Path(root) / exp.name)
+    outcomes += _run(
+        measure_one,
+        _measure_tasks(todo, cfg.to_dict(), again, executor),
+        f"mdlgrok-measure-{exp.name}",
+        say,
+        jobs=jobs,
+        threads=threads,
+        executor=executor,
+        slurm=slurm,
+        folder=Path(root) / exp.name,
+    )
     return _gather(root, exp, runs, outcomes)
 
 

@@ -17,12 +17,21 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mdlgrok.config import TrainConfig
-from mdlgrok.runs import (RunDir, RunExistsError, environment, load_checkpoint, row, rows_to_frame,
-                          save_checkpoint, write_json, write_table)
+from mdlgrok.runs import (
+    RunDir,
+    RunExistsError,
+    environment,
+    load_checkpoint,
+    row,
+    rows_to_frame,
+    save_checkpoint,
+    write_json,
+    write_table,
+)
 
 ENGINES = ("single", "stacked")
 
@@ -40,8 +49,9 @@ def log_epochs(epochs: int) -> list[int]:
     return sorted(points | {epochs})
 
 
-def make_engine(configs: list[TrainConfig], engine: str = "single", device: str = "cpu",
-                exact_noise: bool | None = None):
+def make_engine(
+    configs: list[TrainConfig], engine: str = "single", device: str = "cpu", exact_noise: bool | None = None
+):
     if engine == "single":
         if len(configs) != 1 or str(device) != "cpu":
             raise ValueError("the single engine trains one model on the CPU; use engine='stacked'")
@@ -108,9 +118,17 @@ def check_resumable(saved: TrainConfig, cfg: TrainConfig, run: RunDir) -> None:
         raise ValueError(f"--resume: {run.path} was started with a different config ({', '.join(diff)})")
 
 
-def train_runs(configs: list[TrainConfig], paths: list[str | Path], *, engine: str = "single",
-               device: str = "cpu", exact_noise: bool | None = None, resume: bool = True,
-               progress: bool = False, on_checkpoint: Callable | None = None) -> list[dict]:
+def train_runs(
+    configs: list[TrainConfig],
+    paths: list[str | Path],
+    *,
+    engine: str = "single",
+    device: str = "cpu",
+    exact_noise: bool | None = None,
+    resume: bool = True,
+    progress: bool = False,
+    on_checkpoint: Callable | None = None,
+) -> list[dict]:
     """Train (or resume) one run folder per config with one engine; one outcome per run:
     {"path", "state": complete | failed, "epoch"[, "reason"]}.
 
@@ -156,8 +174,9 @@ def start_run(eng, i: int, cfg: TrainConfig, run: RunDir, resume: bool) -> list[
     return rows
 
 
-def checkpoint(eng, runs: list[RunDir], rows: list[list[dict]], failed: dict, bar: Progress,
-               on_checkpoint: Callable | None) -> None:
+def checkpoint(
+    eng, runs: list[RunDir], rows: list[list[dict]], failed: dict, bar: Progress, on_checkpoint: Callable | None
+) -> None:
     """Evaluate every live model; write its rows, then its checkpoint, then call the hook."""
     for i, metrics in enumerate(eng.metrics()):
         if i in failed:
@@ -183,14 +202,16 @@ def finish(eng, runs: list[RunDir], failed: dict, seconds: float) -> list[dict]:
     return out
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
-          on_checkpoint: Callable | None = None) -> dict:
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_checkpoint: Callable | None = None,
+) -> dict:
     """Train (or resume) one run into `out` with the single engine; its outcome.
     Raises TrainingFailed when the loss turns NaN or infinite (the rows before it are kept)."""
     outcome = train_runs([cfg], [out], resume=resume, progress=progress, on_checkpoint=on_checkpoint)[0]
     if outcome["state"] == "failed":
         raise TrainingFailed(f"{out}: {outcome['reason']}; kept the rows recorded before it")
     return outcome
-
-
-

@@ -46,5 +46,12 @@ def model_metrics(model: torch.nn.Module, data) -> dict[str, float]:
     with torch.no_grad():
         entropy = float(mean_spectral_entropy(model))
     ranks = [float(r) for r in effective_ranks(model)]
-    return {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
-            "weight_norm": weight_norm(model), "spectral_entropy": entropy, "effective_rank": sum(ranks) / len(ranks)}
+    return {
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "weight_norm": weight_norm(model),
+        "spectral_entropy": entropy,
+        "effective_rank": sum(ranks) / len(ranks),
+    }

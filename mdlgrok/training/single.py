@@ -37,8 +37,9 @@ class SingleEngine:
         torch.manual_seed(cfg.seed)
         self._model = build_model(cfg.model_config())
         reg = cfg.reg_config()
-        self.opt = torch.optim.AdamW(self._model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                                     weight_decay=reg.wd)
+        self.opt = torch.optim.AdamW(
+            self._model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=reg.wd
+        )
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.noise_gen = torch.Generator().manual_seed(cfg.seed + 2)
         params = list(self._model.parameters())
@@ -93,9 +94,14 @@ class SingleEngine:
         """A diverged model: the loop stops (a single engine has no other model to go on with)."""
 
     def state(self, i: int = 0) -> dict:
-        return {"model": self._model.state_dict(), "optimizer": self.opt.state_dict(),
-                "rng": {"shuffle": self.shuffle_gen.get_state(), "noise": self.noise_gen.get_state()},
-                "epoch": self.epoch, "step": self.step, "config": json.dumps(self.cfg.to_dict())}
+        return {
+            "model": self._model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "rng": {"shuffle": self.shuffle_gen.get_state(), "noise": self.noise_gen.get_state()},
+            "epoch": self.epoch,
+            "step": self.step,
+            "config": json.dumps(self.cfg.to_dict()),
+        }
 
     def load_state(self, i: int, ckpt: dict) -> None:
         self._model.load_state_dict(ckpt["model"])

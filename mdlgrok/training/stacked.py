@@ -42,11 +42,16 @@ def stack_mismatch(configs: list[TrainConfig]) -> str | None:
     if not configs:
         return "no configs to stack"
     first = configs[0]
-    diff = [f"{name} ({', '.join(sorted({repr(getattr(c, name)) for c in configs}))})"
-            for name in SHARED_FIELDS if any(getattr(c, name) != getattr(first, name) for c in configs)]
+    diff = [
+        f"{name} ({', '.join(sorted({repr(getattr(c, name)) for c in configs}))})"
+        for name in SHARED_FIELDS
+        if any(getattr(c, name) != getattr(first, name) for c in configs)
+    ]
     if diff:
-        return ("stacked models must share architecture, task, split sizes, batch and epochs; "
-                f"these differ: {'; '.join(diff)}")
+        return (
+            "stacked models must share architecture, task, split sizes, batch and epochs; "
+            f"these differ: {'; '.join(diff)}"
+        )
     return None
 
 
@@ -134,8 +139,7 @@ class StackedEngine:
     the CPU stream: the default off CPU, where the CPU draws and copies would dominate a step).
     """
 
-    def __init__(self, configs: list[TrainConfig], device: str | torch.device = "cpu",
-                 exact_noise: bool | None = None):
+    def __init__(self, configs: list[TrainConfig], device: str | torch.device = "cpu", exact_noise: bool | None = None):
         check_stackable(configs)
         self.configs = list(configs)
         self.device = torch.device(device)
@@ -146,8 +150,14 @@ class StackedEngine:
             data = make_dataset(cfg.task_config())
             torch.manual_seed(cfg.seed)  # the init of SingleEngine(cfg)
             models.append(build_model(cfg.model_config()))
-            self.models_state.append(ModelState(cfg, data, torch.Generator().manual_seed(cfg.seed + 1),
-                                                torch.Generator(device=noise_dev).manual_seed(cfg.seed + 2)))
+            self.models_state.append(
+                ModelState(
+                    cfg,
+                    data,
+                    torch.Generator().manual_seed(cfg.seed + 1),
+                    torch.Generator(device=noise_dev).manual_seed(cfg.seed + 2),
+                )
+            )
         params, buffers = stack_module_state(models)
         self.params = {k: v.detach().to(self.device).requires_grad_(True) for k, v in params.items()}
         self.buffers = {k: v.to(self.device) for k, v in buffers.items()}
@@ -162,8 +172,13 @@ class StackedEngine:
         self.gamma = torch.tensor([r.gamma for r in regs], device=self.device)
         self.sigma = [r.sigma for r in regs]
         self.noise_kind = [r.noise for r in regs]
-        self.opt = StackedAdamW(self.params, [c.lr for c in configs], [c.betas for c in configs],
-                                [c.adam_eps for c in configs], [r.wd for r in regs])
+        self.opt = StackedAdamW(
+            self.params,
+            [c.lr for c in configs],
+            [c.betas for c in configs],
+            [c.adam_eps for c in configs],
+            [r.wd for r in regs],
+        )
         self.active = torch.ones(self.n, dtype=torch.bool, device=self.device)
         self.epoch, self.step = 0, 0
         self.grad_hook = None  # grad_hook(engine): after backward, before the optimizer step
@@ -178,8 +193,11 @@ class StackedEngine:
             for i, st in enumerate(self.models_state):
                 for k, p in self.params.items():  # model.parameters() order, as WeightNoise
                     shape = p.shape[1:]
-                    draws[k].append(draw_noise(shape, self.sigma[i], self.noise_kind[i], st.noise_gen, p.dtype)
-                                    if self.sigma[i] else torch.zeros(shape, dtype=p.dtype))
+                    draws[k].append(
+                        draw_noise(shape, self.sigma[i], self.noise_kind[i], st.noise_gen, p.dtype)
+                        if self.sigma[i]
+                        else torch.zeros(shape, dtype=p.dtype)
+                    )
             return {k: torch.stack(v).to(self.device) for k, v in draws.items()}
         sizes = [p[0].numel() for p in self.params.values()]
         dtype = next(iter(self.params.values())).dtype
@@ -191,6 +209,7 @@ class StackedEngine:
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """(N, B, 4) tokens -> (N, B, vocab) logits, model i with params[...][i]."""
+
         def one(p, b, xs):
             return functional_call(self.base, (p, b), (xs,))
 
@@ -282,17 +301,25 @@ class StackedEngine:
         """Model i's checkpoint, exactly as SingleEngine.state() writes it (model, torch AdamW state, rng)."""
         cfg = self.models_state[i].cfg
         model = self.model(i).cpu()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                                weight_decay=cfg.reg_config().wd)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.reg_config().wd
+        )
         if self.opt.t:
             for k, p in model.named_parameters():
-                opt.state[p] = {"step": torch.tensor(float(self.opt.t)),
-                                "exp_avg": self.opt.exp_avg[k][i].detach().cpu().clone(),
-                                "exp_avg_sq": self.opt.exp_avg_sq[k][i].detach().cpu().clone()}
+                opt.state[p] = {
+                    "step": torch.tensor(float(self.opt.t)),
+                    "exp_avg": self.opt.exp_avg[k][i].detach().cpu().clone(),
+                    "exp_avg_sq": self.opt.exp_avg_sq[k][i].detach().cpu().clone(),
+                }
         st = self.models_state[i]
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                "rng": {"shuffle": st.shuffle_gen.get_state(), "noise": st.noise_gen.get_state()},
-                "epoch": self.epoch, "step": self.step, "config": json.dumps(cfg.to_dict())}
+        return {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": {"shuffle": st.shuffle_gen.get_state(), "noise": st.noise_gen.get_state()},
+            "epoch": self.epoch,
+            "step": self.step,
+            "config": json.dumps(cfg.to_dict()),
+        }
 
     @torch.no_grad()
     def load_state(self, i: int, ckpt: dict) -> None:
@@ -300,8 +327,10 @@ class StackedEngine:
         the same epoch and step (the optimizer's step count is shared)."""
         epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
         if i and (epoch, step) != (self.epoch, self.step):
-            raise ValueError(f"model {i} resumes from epoch {epoch}, step {step}, the stack from "
-                             f"epoch {self.epoch}, step {self.step}: stack runs that stopped at the same epoch")
+            raise ValueError(
+                f"model {i} resumes from epoch {epoch}, step {step}, the stack from "
+                f"epoch {self.epoch}, step {self.step}: stack runs that stopped at the same epoch"
+            )
         names = list(self.params)
         for k in names:
             self.params[k][i] = ckpt["model"][k].to(self.device)
@@ -315,6 +344,8 @@ class StackedEngine:
             st.shuffle_gen.set_state(ckpt["rng"]["shuffle"])
             st.noise_gen.set_state(ckpt["rng"]["noise"])
         except RuntimeError as exc:
-            raise ValueError(f"model {i}: its checkpoint's noise generator was not drawn on "
-                             f"{st.noise_gen.device} ({exc}); resume it where it started") from None
+            raise ValueError(
+                f"model {i}: its checkpoint's noise generator was not drawn on "
+                f"{st.noise_gen.device} ({exc}); resume it where it started"
+            ) from None
         self.epoch, self.step, self.opt.t = epoch, step, step
