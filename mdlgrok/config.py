@@ -116,7 +116,15 @@ class MeasureConfig:
 
     eps: tuple[float, ...] = doc(PAPER_EPS, "complexity tolerances in nats")
     estimator: str = doc("mdlgrok", "mdlgrok (this package's search) or paper (the paper's Bayesian search)")
-    measures: tuple[str, ...] = doc(("complexity",), "measures of each checkpoint (mdlgrok.measures)")
+    measures: tuple[str, ...] = doc(("complexity",), "measures of each checkpoint: complexity, norms, llc, fourier")
+    llc_lr: float = doc(1e-4, "LLC: SGLD step size")
+    llc_gamma: float = doc(100.0, "LLC: localization strength")
+    llc_nbeta: float | None = doc(None, "LLC: inverse temperature n_beta (None: B / ln B)")
+    llc_chains: int = doc(2, "LLC: independent chains (their spread is reported)")
+    llc_draws: int = doc(100, "LLC: draws per chain after burn-in")
+    llc_burnin: int = doc(20, "LLC: steps per chain before the draws")
+    llc_batch: int = doc(512, "LLC: minibatch size B")
+    llc_seed: int = doc(0, "LLC: seed of the batches and the noise")
 
     def __post_init__(self):
         from mdlgrok.measures import MEASURES
@@ -126,6 +134,10 @@ class MeasureConfig:
             raise ValueError(f"every eps must be a positive finite number of nats, got {list(self.eps)}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; choose {' or '.join(ESTIMATORS)}")
+        if self.llc_lr <= 0 or self.llc_gamma < 0 or min(self.llc_chains, self.llc_draws, self.llc_batch) < 1:
+            raise ValueError("LLC options: lr must be positive, gamma non-negative, chains, draws and batch at least 1")
+        if self.llc_burnin < 0 or (self.llc_nbeta is not None and self.llc_nbeta <= 0):
+            raise ValueError("LLC options: burnin must be non-negative and nbeta positive")
         self.measures = tuple(self.measures)
         unknown = [m for m in self.measures if m not in MEASURES]
         if unknown or not self.measures:

@@ -69,7 +69,8 @@ def rows_to_frame(rows: Iterable[dict], columns: list[str] = METRIC_COLUMNS) -> 
     """Rows as a typed frame with `columns` (METRIC_COLUMNS or MEASURE_COLUMNS)."""
     df = pd.DataFrame(list(rows), columns=columns)
     text = [c for c in TEXT_COLUMNS if c in columns]
-    df = df.fillna({c: "" for c in text})
+    for c in text:  # missing text is "", never NaN
+        df[c] = df[c].astype(object).where(df[c].notna(), "")
     types = {"run_id": str, "epoch": "int64", "step": "int64", "metric": str, "value": "float64"}
     types.update({"eps": "float64"} if "eps" in columns else {})
     return df.astype({**types, **{c: str for c in text}})
@@ -249,14 +250,15 @@ def convert_run(path: str | Path, estimator_version: str = "unknown", options: s
         return False
     metrics = pd.read_parquet(run.metrics) if run.metrics.exists() else rows_to_frame([])
     if "eps" in metrics.columns:
-        metrics = metrics.assign(**{c: "" for c in ("codec", "estimator") if c not in metrics})
+        if "estimator" not in metrics:  # the oldest layout: every measure row was mdlgrok's search
+            metrics = metrics.assign(estimator=metrics.eps.notna().map({True: "mdlgrok", False: ""}))
+        metrics = metrics.assign(**{"codec": ""} if "codec" not in metrics else {})
         measured = metrics.eps.notna() | (metrics.estimator != "")
         moved = metrics[measured].assign(estimator_version=estimator_version, options=options)
-        if len(moved):
-            kept = run.read_measures()
-            write_table(
-                run.measures, rows_to_frame(kept.to_dict("records") + moved.to_dict("records"), MEASURE_COLUMNS)
-            )
+        if len(moved):  # rows already moved by an interrupted conversion are not added twice
+            both = rows_to_frame(run.read_measures().to_dict("records") + moved.to_dict("records"), MEASURE_COLUMNS)
+            key = both.assign(eps=both.eps.fillna(-1.0)).drop(columns="value")
+            write_table(run.measures, both[~key.duplicated()].reset_index(drop=True))
         write_table(run.metrics, rows_to_frame(metrics[~measured].to_dict("records")))
     cfg = json.loads(run.config.read_text())
     write_json(run.config, {k: v for k, v in cfg.items() if k not in LEGACY_FIELDS})

@@ -30,8 +30,11 @@ def snapshot(folder: Path) -> dict[str, str]:
     folder = Path(folder)
     if not folder.exists():
         return {}
-    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
 
 
 @pytest.fixture(scope="session", autouse=True)

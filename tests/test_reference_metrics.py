@@ -9,10 +9,15 @@ from mdlgrok.config import TrainConfig
 from mdlgrok.training import train, train_runs
 
 REFERENCE = pd.read_csv(Path(__file__).parent / "data" / "reference_metrics.csv")
-CASES = {"ours": dict(task="add", p=11, preset="ours", epochs=12, seed=0),
-         "none_mlp": dict(task="mul", p=11, preset="none", model="mlp", epochs=12, seed=1),
-         "uniform": dict(task="sub", p=11, preset="ours", noise="uniform", sigma=0.05, epochs=12, seed=2)}
-STACKED = [dict(task="add", p=11, preset="ours", epochs=12, seed=0), dict(task="add", p=11, preset="wd", epochs=12, seed=1)]
+CASES = {
+    "ours": dict(task="add", p=11, preset="ours", epochs=12, seed=0),
+    "none_mlp": dict(task="mul", p=11, preset="none", model="mlp", epochs=12, seed=1),
+    "uniform": dict(task="sub", p=11, preset="ours", noise="uniform", sigma=0.05, epochs=12, seed=2),
+}
+STACKED = [
+    dict(task="add", p=11, preset="ours", epochs=12, seed=0),
+    dict(task="add", p=11, preset="wd", epochs=12, seed=1),
+]
 
 
 def _compare(got: pd.DataFrame, case: str, rtol: float) -> None:

@@ -3,10 +3,20 @@ import math
 import pytest
 import torch
 
+from mdlgrok.config import TrainConfig
 from mdlgrok.models import ModelConfig, build_model
-from mdlgrok.regularizers import (PRESETS, RegConfig, WeightNoise, effective_ranks, mean_spectral_entropy, preset,
-                                  singular_values, spectral_entropy, weight_matrices)
-from mdlgrok.train import TrainConfig
+from mdlgrok.regularizers import (
+    PRESETS,
+    RegConfig,
+    WeightNoise,
+    draw_noise,
+    effective_ranks,
+    mean_spectral_entropy,
+    preset,
+    singular_values,
+    spectral_entropy,
+    weight_matrices,
+)
 
 SHAPES = [(7, 3), (3, 7), (5, 5), (9, 3), (12, 4), (4, 12), (16, 9), (115, 128), (128, 128), (512, 128)]
 
@@ -49,6 +59,78 @@ def test_spectral_entropy_gradient_matches_svdvals_gradient():
         # as accurate as svdvals itself, also for the ill-conditioned square matrix
         err = float((wa.grad.double() - wc.grad).norm() / wc.grad.norm())
         assert err < 1e-5, (wa.shape, err)
+
+
+def matrix_with_spectrum(s: torch.Tensor, m: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """An m x n float64 matrix with singular values s (random orthonormal U and V)."""
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
+    return u @ torch.diag(s) @ v.T
+
+
+def svd_test_matrices() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "tall": torch.randn(12, 5, generator=g, dtype=torch.float64),
+        "wide": torch.randn(4, 9, generator=g, dtype=torch.float64),
+        "square": torch.randn(7, 7, generator=g, dtype=torch.float64),
+        "spanning 1..1e-6": matrix_with_spectrum(torch.logspace(0, -6, 8, dtype=torch.float64), 10, 8, g),
+        "stacked tall": torch.randn(3, 6, 4, generator=g, dtype=torch.float64),  # a leading model axis
+        "stacked wide": torch.randn(3, 4, 6, generator=g, dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(svd_test_matrices()))
+def test_singular_values_function_matches_svdvals_and_autograd(name, dtype):
+    """The custom autograd function (eigh of the float64 Gram forward, U diag(g) V^T backward)
+    against torch.linalg.svdvals and its autograd gradient in float64, to 1e-5 relative.
+
+    The one exception is inherent to the Gram: it resolves squared singular values only to
+    ~n eps s_max^2. For the matrix spanning 1..1e-6 that leaves s = 1e-6 right to ~1e-4 (a
+    float32 Gram would leave a floor of ~3e-4 s_max there, 300 times s), and the directions of
+    its clustered small singular values to ~n eps s_max^2 / gap ~ 2e-5 (1e-4 checked; over 30
+    random such matrices the worst was 4e-5)."""
+    w = svd_test_matrices()[name].to(dtype).requires_grad_(True)
+    ref_w = w.detach().double().requires_grad_(True)  # the float64 truth of the same matrix
+    s = singular_values([w])[0]
+    ref = torch.linalg.svdvals(ref_w)
+    assert s.dtype == dtype and s.shape == ref.shape == (*w.shape[:-2], min(w.shape[-2:]))
+    assert bool((s[..., :-1] >= s[..., 1:]).all())  # descending, like svdvals
+    rel = ((s.double() - ref).abs() / ref).detach()
+    ill = name.startswith("spanning")
+    large = ref.detach() >= 1e-3 * ref.detach().amax(-1, keepdim=True)
+    assert float(rel[large].max()) < 1e-5, (name, rel)
+    assert float(rel.max()) < (1e-3 if ill else 1e-5), (name, rel)
+
+    c = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (s.double() * c).sum().backward()
+    (ref * c).sum().backward()
+    assert w.grad.dtype == dtype and w.grad.shape == w.shape
+    grad_err = float((w.grad.double() - ref_w.grad).norm() / ref_w.grad.norm())
+    assert grad_err < (1e-4 if ill else 1e-5), (name, grad_err)
+    if w.ndim == 3:  # each model of the stack gets its own gradient
+        for i in range(w.shape[0]):
+            e = float((w.grad[i].double() - ref_w.grad[i]).norm() / ref_w.grad[i].norm())
+            assert e < 1e-5, (name, i, e)
+
+
+def test_singular_values_function_of_non_finite_input_is_nan_not_an_error():
+    g = torch.Generator().manual_seed(4)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        stack = torch.randn(3, 6, 4, generator=g)
+        stack[1, 2, 3] = bad  # one model of a stack diverged
+        stack.requires_grad_(True)
+        s = singular_values([stack])[0]
+        assert torch.isnan(s[1]).all(), bad
+        for i in (0, 2):  # the other models are untouched
+            torch.testing.assert_close(s[i], torch.linalg.svdvals(stack[i].detach()), rtol=1e-5, atol=1e-6)
+        spectral_entropy(s).sum().backward()  # no exception in the backward either
+        assert torch.isfinite(stack.grad[0]).all() and torch.isfinite(stack.grad[2]).all()
+        for w in (torch.full((5, 3), bad), torch.full((3, 5), bad)):
+            assert torch.isnan(singular_values([w])[0]).all()
+        h = mean_spectral_entropy([stack.detach()], batch_dims=1)
+        assert torch.isnan(h[1]) and torch.isfinite(h[[0, 2]]).all()
 
 
 def test_mean_spectral_entropy_of_a_model_matches_svd():
@@ -171,6 +253,24 @@ def test_weight_noise_is_seeded_and_fresh_each_step():
     assert torch.equal(a, b) and not torch.equal(a, c)
     params = [torch.nn.Parameter(torch.zeros(50))]
     noise = WeightNoise(params, 0.1, "uniform", torch.Generator().manual_seed(0))
-    noise.add(); first = params[0].detach().clone(); noise.remove()  # noqa: E702
-    noise.add(); second = params[0].detach().clone(); noise.remove()  # noqa: E702
+    noise.add()
+    first = params[0].detach().clone()
+    noise.remove()
+    noise.add()
+    second = params[0].detach().clone()
+    noise.remove()
     assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+def test_draw_noise_is_what_weight_noise_adds(kind):
+    """The stacked engine draws its noise with draw_noise; WeightNoise adds the same draws, tensor by tensor."""
+    shapes = [(13, 7), (7,)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    noise = WeightNoise(params, 0.3, kind, torch.Generator().manual_seed(9))
+    noise.add()
+    added = [p.detach().clone() for p in params]
+    noise.remove()
+    gen = torch.Generator().manual_seed(9)
+    for shape, a in zip(shapes, added):
+        assert torch.equal(draw_noise(shape, 0.3, kind, gen, torch.float32), a)

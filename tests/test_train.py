@@ -11,22 +11,63 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
-import mdlgrok.train as train_mod
-from mdlgrok.models import build_model
-from mdlgrok.results import COLUMNS, CheckpointError, RunDir, RunExistsError, load_checkpoint
-from mdlgrok.tasks import make_dataset
-from mdlgrok.train import TrainConfig, TrainingFailed, cross_entropy, evaluate, log_epochs, train
-
 from conftest import SINGLE_THREAD, tiny_config
 
-PAPER_POINTS = [1, 2, 3, 4, 6, 8, 10, 13, 17, 23, 30, 39, 51, 66, 86, 112, 146, 190, 247, 321, 417, 542,
-                705, 917, 1192, 1550, 2015, 2619, 3405, 4427, 5756, 7482, 9727]
+import mdlgrok.training.loop as loop_mod
+import mdlgrok.training.single as single_mod
+from mdlgrok.config import TrainConfig
+from mdlgrok.models import build_model
+from mdlgrok.runs import METRIC_COLUMNS, CheckpointError, RunDir, RunExistsError, load_checkpoint
+from mdlgrok.tasks import make_dataset
+from mdlgrok.training import TrainingFailed, log_epochs, train, train_runs
+from mdlgrok.training.objective import cross_entropy, evaluate
+from mdlgrok.training.single import SingleEngine
+
+PAPER_POINTS = [
+    1,
+    2,
+    3,
+    4,
+    6,
+    8,
+    10,
+    13,
+    17,
+    23,
+    30,
+    39,
+    51,
+    66,
+    86,
+    112,
+    146,
+    190,
+    247,
+    321,
+    417,
+    542,
+    705,
+    917,
+    1192,
+    1550,
+    2015,
+    2619,
+    3405,
+    4427,
+    5756,
+    7482,
+    9727,
+]
 METRICS = {"train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "spectral_entropy", "effective_rank"}
 
 
 def run(cfg, path, **kw):
     return train(cfg, str(path), progress=False, **kw)
+
+
+def last_step(path) -> int:
+    """The optimizer step count in a run's newest checkpoint."""
+    return int(load_checkpoint(RunDir(path).checkpoints()[-1])["step"])
 
 
 def test_log_epochs_are_the_papers_33_points():
@@ -48,11 +89,19 @@ def test_cross_entropy_in_nats_with_probability_floor():
     assert float(cross_entropy(z, t)) == pytest.approx(float(torch.nn.functional.cross_entropy(z, t)), rel=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(epochs=0), "epochs"), (dict(lr=0.0), "learning rate"), (dict(batch=-1), "batch"),
-    (dict(eps=(1.0, 0.0)), "eps"), (dict(task="mod"), "unknown operation"), (dict(preset="max"), "preset"),
-    (dict(model="rnn"), "unknown model"), (dict(attention="x"), "attention"), (dict(noise="pink"), "noise"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(epochs=0), "epochs"),
+        (dict(lr=0.0), "learning rate"),
+        (dict(batch=-1), "batch"),
+        (dict(task="mod"), "unknown operation"),
+        (dict(preset="max"), "preset"),
+        (dict(model="rnn"), "unknown model"),
+        (dict(attention="x"), "attention"),
+        (dict(noise="pink"), "noise"),
+    ],
+)
 def test_train_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**kwargs)
@@ -60,14 +109,22 @@ def test_train_config_validation(kwargs, match):
 
 def test_train_config_paper_defaults_and_roundtrip():
     cfg = TrainConfig(task="div", p=7)
-    assert (cfg.frac, cfg.layers, cfg.lr, cfg.betas, cfg.adam_eps, cfg.epochs) == (0.3, 2, 1e-3, (0.9, 0.98), 1e-8, 10_000)
+    assert (cfg.frac, cfg.layers, cfg.lr, cfg.betas, cfg.adam_eps, cfg.epochs) == (
+        0.3,
+        2,
+        1e-3,
+        (0.9, 0.98),
+        1e-8,
+        10_000,
+    )
     assert cfg.model_config().vocab == 9
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_train_writes_a_complete_run_folder(tmp_path):
     cfg = tiny_config(epochs=8)
-    trainer = run(cfg, tmp_path / "run")
+    outcome = run(cfg, tmp_path / "run")
+    assert outcome == {"path": str(tmp_path / "run"), "state": "complete", "epoch": 8}
     r = RunDir(tmp_path / "run")
     assert TrainConfig.from_dict(json.loads(r.config.read_text())) == cfg
     env = json.loads(r.env.read_text())
@@ -76,19 +133,17 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     assert status["state"] == "complete" and status["epoch"] == 8
 
     df = pd.read_parquet(r.metrics)
-    # DESIGN.md's tidy columns first (results.py adds `estimator` for complexity rows)
-    assert list(df.columns) == COLUMNS
-    assert COLUMNS[:7] == ["run_id", "epoch", "step", "metric", "value", "eps", "codec"]
+    # training writes the tidy training columns only; measures go to measures.parquet (the measure stage)
+    assert list(df.columns) == METRIC_COLUMNS == ["run_id", "epoch", "step", "metric", "value"]
+    assert not r.measures.exists() and not r.payloads.exists()
     assert set(df.metric) == METRICS
     assert (df.run_id == "run").all()
-    assert df.eps.isna().all() and (df.codec == "").all()
-    assert "estimator" not in df or (df.estimator == "").all()
     assert df.epoch.dtype == "int64" and df.step.dtype == "int64" and df.value.dtype == "float64"
     assert sorted(df.epoch.unique()) == log_epochs(8) == [1, 2, 3, 4, 6, 8]
     assert len(df) == len(METRICS) * 6 and not df.duplicated(["epoch", "metric"]).any()
     # 9 training examples, batch min(512, 9 // 2) = 4: batches of 4, 4 and the remainder 1
-    assert trainer.batch == 4
-    assert (df.step == 3 * df.epoch).all() and trainer.step == 24
+    assert SingleEngine(cfg).batch == 4
+    assert (df.step == 3 * df.epoch).all() and last_step(r.path) == 24
     wide = df.pivot(index="epoch", columns="metric", values="value")
     for m in ("train_acc", "test_acc"):
         assert wide[m].between(0, 1).all()
@@ -137,17 +192,20 @@ def test_load_checkpoint_never_executes_code(tmp_path):
 
 def test_same_config_gives_identical_metrics(tmp_path):
     cfg = tiny_config(epochs=6)
-    a = run(cfg, tmp_path / "a" / "run").run.read_metrics()
-    b = run(cfg, tmp_path / "b" / "run").run.read_metrics()
+    run(cfg, tmp_path / "a" / "run")
+    run(cfg, tmp_path / "b" / "run")
+    a, b = RunDir(tmp_path / "a" / "run").read_metrics(), RunDir(tmp_path / "b" / "run").read_metrics()
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    c = run(tiny_config(epochs=6, seed=1), tmp_path / "c" / "run").run.read_metrics()
+    run(tiny_config(epochs=6, seed=1), tmp_path / "c" / "run")
+    c = RunDir(tmp_path / "c" / "run").read_metrics()
     assert not a.value.equals(c.value)
 
 
 def test_full_batch_and_mlp(tmp_path):
-    trainer = run(tiny_config(epochs=3, batch=0, model="mlp", noise="uniform"), tmp_path / "run")
-    assert trainer.batch == 9 and trainer.step == 3
-    assert set(trainer.run.read_metrics().metric) == METRICS
+    cfg = tiny_config(epochs=3, batch=0, model="mlp", noise="uniform")
+    assert run(cfg, tmp_path / "run")["state"] == "complete"
+    assert SingleEngine(cfg).batch == 9 and last_step(tmp_path / "run") == 3
+    assert set(RunDir(tmp_path / "run").read_metrics().metric) == METRICS
 
 
 def assert_same_runs(a: Path, b: Path):
@@ -178,7 +236,7 @@ def test_resume_after_crash_between_rows_and_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config(epochs=13)
     run(cfg, tmp_path / "a" / "run")
 
-    real_save, calls = train_mod.save_checkpoint, []
+    real_save, calls = loop_mod.save_checkpoint, []
 
     def dying_save(path, obj):
         calls.append(path)
@@ -186,10 +244,10 @@ def test_resume_after_crash_between_rows_and_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_save(path, obj)
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", dying_save)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "b" / "run")
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
     b = RunDir(tmp_path / "b" / "run")
     assert b.read_status()["state"] == "running"
     assert b.checkpoints()[-1].name == "epoch_000004.pt"
@@ -211,8 +269,7 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path):
     cfg = tiny_config(epochs=4)
     run(cfg, tmp_path / "run")
     before = RunDir(tmp_path / "run").read_metrics()
-    trainer = run(cfg, tmp_path / "run", resume=True)
-    assert trainer.epoch == 4
+    assert run(cfg, tmp_path / "run", resume=True) == {"path": str(tmp_path / "run"), "state": "complete", "epoch": 4}
     pd.testing.assert_frame_equal(before, RunDir(tmp_path / "run").read_metrics(), check_exact=True)
 
 
@@ -225,7 +282,7 @@ def test_diverging_run_is_marked_failed(tmp_path, preset):
 
 
 def test_nan_loss_stops_the_run_and_keeps_earlier_rows(tmp_path, monkeypatch):
-    real, steps = train_mod.cross_entropy, []
+    real, steps = single_mod.cross_entropy, []
 
     def poisoned(logits, y):
         loss = real(logits, y)
@@ -235,7 +292,7 @@ def test_nan_loss_stops_the_run_and_keeps_earlier_rows(tmp_path, monkeypatch):
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_mod, "cross_entropy", poisoned)
+    monkeypatch.setattr(single_mod, "cross_entropy", poisoned)
     with pytest.raises(TrainingFailed):
         run(tiny_config(epochs=8), tmp_path / "run")
     r = RunDir(tmp_path / "run")
@@ -249,21 +306,40 @@ def test_nan_loss_stops_the_run_and_keeps_earlier_rows(tmp_path, monkeypatch):
 
 # ---- a real SIGKILL of `python -m mdlgrok train`, then --resume ----
 
+
 def cli_args(out: Path, p: int, epochs: int, extra: list[str]) -> list[str]:
-    return ["train", "--task", "add", "--p", str(p), "--epochs", str(epochs), "--seed", "0",
-            "--out", str(out), "--quiet", *extra]
+    return [
+        "train",
+        "--task",
+        "add",
+        "--p",
+        str(p),
+        "--epochs",
+        str(epochs),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
-def kill_resume_and_compare(tmp_path: Path, p: int, epochs: int, extra: list[str], kill_after: int,
-                            resume_in_process: bool):
+def kill_resume_and_compare(
+    tmp_path: Path, p: int, epochs: int, extra: list[str], kill_after: int, resume_in_process: bool
+):
     """SIGKILL `python -m mdlgrok train` once checkpoint `kill_after` exists, resume it, compare with
     an uninterrupted run (trained in this process meanwhile, on the other core)."""
     from mdlgrok.cli import main
 
     env = {**os.environ, **SINGLE_THREAD}
     killed = RunDir(tmp_path / "b" / "run")
-    victim = subprocess.Popen([sys.executable, "-m", "mdlgrok", *cli_args(killed.path, p, epochs, extra)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "mdlgrok", *cli_args(killed.path, p, epochs, extra)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
 
     def kill_when_due():
         target, deadline = killed.checkpoint_path(kill_after), time.monotonic() + 300
@@ -298,20 +374,71 @@ def kill_resume_and_compare(tmp_path: Path, p: int, epochs: int, extra: list[str
 
 def test_sigkill_then_resume_matches_uninterrupted_fast(tmp_path):
     # weight decay and uniform weight noise, no spectral penalty: fast, still exercises every RNG
-    kill_resume_and_compare(tmp_path, p=7, epochs=60, kill_after=8, resume_in_process=True,
-                            extra=["--preset", "wd", "--sigma", "0.01", "--noise", "uniform"])
+    kill_resume_and_compare(
+        tmp_path,
+        p=7,
+        epochs=60,
+        kill_after=8,
+        resume_in_process=True,
+        extra=["--preset", "wd", "--sigma", "0.01", "--noise", "uniform"],
+    )
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_paper_preset(tmp_path):
-    kill_resume_and_compare(tmp_path, p=13, epochs=250, kill_after=66, resume_in_process=False,
-                            extra=["--preset", "ours"])
+    kill_resume_and_compare(
+        tmp_path, p=13, epochs=250, kill_after=66, resume_in_process=False, extra=["--preset", "ours"]
+    )
 
 
-def test_parameters_without_gradient_still_decay(tmp_path):
+def test_parameters_without_gradient_still_decay():
     """Paper attention, preset wd: query and key get no gradient and only decay, as in optax."""
-    trainer = train_mod.Trainer(tiny_config(preset="wd", epochs=2), RunDir(tmp_path / "run"))
-    q0 = trainer.model.blocks[0].attn.q.weight.detach().clone()
-    trainer.train_epoch()
-    factor = (1 - trainer.cfg.lr * trainer.cfg.wd) ** trainer.step
-    assert torch.allclose(trainer.model.blocks[0].attn.q.weight, q0 * factor, rtol=1e-6, atol=1e-9)
+    engine = SingleEngine(tiny_config(preset="wd", epochs=2))
+    q0 = engine.model(0).blocks[0].attn.q.weight.detach().clone()
+    engine.train_epoch()
+    assert engine.step == 3
+    factor = (1 - engine.cfg.lr * engine.cfg.wd) ** engine.step
+    assert torch.allclose(engine.model(0).blocks[0].attn.q.weight, q0 * factor, rtol=1e-6, atol=1e-9)
+
+
+def test_on_checkpoint_sees_each_checkpoint_after_its_rows(tmp_path):
+    """The hook (how `train --measure` measures) runs at every evaluation epoch, after that epoch's
+    rows and checkpoint were written, with the model as checkpointed."""
+    cfg, seen = tiny_config(epochs=4), []
+
+    def hook(run, model, data, epoch, step):
+        assert run.checkpoint_path(epoch).exists()
+        assert run.read_metrics().epoch.max() == epoch
+        ckpt = load_checkpoint(run.checkpoint_path(epoch))
+        assert ckpt["step"] == step
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, ckpt["model"][k]), k
+        assert len(data.y_train) == 9
+        seen.append((run.run_id, epoch, step))
+
+    run(cfg, tmp_path / "run", on_checkpoint=hook)
+    assert seen == [("run", e, 3 * e) for e in log_epochs(4)]
+
+
+def test_grad_hook_runs_between_backward_and_step():
+    engine, calls = SingleEngine(tiny_config(epochs=1)), []
+
+    def hook(eng):
+        assert all(p.grad is not None for p in eng.model(0).parameters())
+        calls.append(eng.step)  # the step count before the optimizer step
+
+    engine.grad_hook = hook
+    assert len(engine.train_epoch()) == 1
+    assert calls == [0, 1, 2] and engine.step == 3 and engine.epoch == 1
+
+
+def test_train_runs_engines_and_their_errors(tmp_path):
+    cfgs = [tiny_config(epochs=2), tiny_config(epochs=2, seed=1)]
+    with pytest.raises(ValueError, match="single engine trains one model"):
+        train_runs(cfgs, [tmp_path / "a", tmp_path / "b"], engine="single")
+    with pytest.raises(ValueError, match="unknown engine"):
+        train_runs(cfgs[:1], [tmp_path / "a"], engine="turbo")
+    out = train_runs(cfgs[:1], [tmp_path / "a"])  # the single engine, resume=True by default
+    assert out == [{"path": str(tmp_path / "a"), "state": "complete", "epoch": 2}]
+    with pytest.raises(RunExistsError):
+        train_runs(cfgs[:1], [tmp_path / "a"], resume=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 from mdlgrok.measure import threads_per_worker
@@ -19,6 +20,7 @@ STACK_MODES = ("auto", "on", "off")
 SUBMITIT_FOLDER = ".submitit"  # <root>/<name>/.submitit: submitit's pickles and job logs
 
 
+@dataclass
 class SlurmOptions:
     """Resources of each submitit job (one run per job): Slurm partition (None: the cluster's
     default), wall time in minutes (a job that reaches it is requeued and resumes from its
@@ -68,7 +70,7 @@ def check_executor(executor: str, jobs: int | None) -> None:
 class Resumable:
     """fn(*args) as a submitit job that Slurm may requeue: on a timeout or preemption submitit
     calls checkpoint(), which submits the same call again; the run resumes from its last
-    checkpoint (training) or measures again (measuring), so nothing is lost but the current epoch."""
+    checkpoint (training) or measures again (measuring), losing only the epochs since the last checkpoint."""
 
     def __init__(self, fn):
         self.fn = fn
