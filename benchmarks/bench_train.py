@@ -3,7 +3,7 @@
     make bench-train            # or: python benchmarks/bench_train.py --steps 60
 
 Reference: the paper's own JAX code, run on 2 CPU cores, takes 25 ms per step without
-regularizers and 83 ms with "ours" (DESIGN.md sec. 2); the ratios below are against those.
+regularizers and 83 ms with "ours" (DeMoss et al. 2024 code, measured here); the ratios below are against those.
 Where torch sees a GPU, one model is also timed there (a stack of one, training/stacked.py, the
 GPU training path) against the CPU step measured in the same run.
 """

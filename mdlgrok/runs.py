@@ -263,3 +263,14 @@ def convert_run(path: str | Path, estimator_version: str = "unknown", options: s
     cfg = json.loads(run.config.read_text())
     write_json(run.config, {k: v for k, v in cfg.items() if k not in LEGACY_FIELDS})
     return True
+
+
+def rename_run(path: str | Path, new_path: str | Path) -> RunDir:
+    """Move a run folder and rewrite the run_id of its tables to the new folder name."""
+    Path(path).rename(new_path)
+    run = RunDir(new_path)
+    for table, columns in ((run.metrics, METRIC_COLUMNS), (run.measures, MEASURE_COLUMNS)):
+        if table.exists():
+            df = pd.read_parquet(table)
+            write_table(table, rows_to_frame(df.assign(run_id=run.run_id).to_dict("records"), columns))
+    return run

@@ -1,10 +1,12 @@
 """Input second moments of linear maps, read off one call of the loss closure."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mdlgrok.complexity import estimate
 from mdlgrok.complexity.moments import DAMPING, input_moments
 
 
@@ -62,13 +64,21 @@ def test_weights_read_other_ways_get_no_moments():
     assert set(moments) == {"fc.weight"}  # table: also looked up; mat: read by matmul
 
 
-def test_a_closure_that_fails_under_the_recorder_gives_no_moments():
+def test_a_closure_that_fails_under_the_recorder_raises_and_estimate_records_plain_norms():
     model = nn.Linear(3, 2)
+    x = torch.randn(16, 3)
 
     def loss_fn(m):
-        raise RuntimeError("no")
+        if torch._C._is_torch_function_mode_enabled():  # fails only under the recorder
+            raise RuntimeError("no")
+        with torch.no_grad():
+            return float(m(x).pow(2).mean())
 
-    assert input_moments(loss_fn, model, model.state_dict()) == {}
+    with pytest.raises(RuntimeError):
+        input_moments(lambda m: (_ for _ in ()).throw(RuntimeError("no")), model, model.state_dict())
+    with pytest.warns(UserWarning, match="input moments could not be read"):
+        results = estimate(model, loss_fn, [1.0])
+    assert results[0].norms.startswith("frobenius (input moments unreadable: RuntimeError")
 
 
 def test_unused_linear_layers_and_zero_inputs_get_no_moments():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bz2
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ class Result:
     seconds: float  # wall time of the whole search (shared by all eps)
     estimator: str = "mdlgrok"  # "mdlgrok" (estimate) or "paper" (paper_estimate)
     extra: dict[str, float] = field(default_factory=dict)  # eval_fn of the coarse model
+    norms: str = ""  # how errors were measured: "data-aware", or "frobenius (why)"
 
     @property
     def ratio(self) -> float:
@@ -151,7 +153,7 @@ def estimate(
     base = base_loss(oracle)
     rows = read_rows(oracle, base)
     oracle({})  # the probe holds the original weights while the input moments are read
-    moments = input_moments(oracle.loss_fn, oracle.probe, oracle.slots) if data_aware else {}
+    moments, norms = read_moments(oracle, data_aware)
     # numpy's BLAS threads only spin on these small SVDs and products; torch keeps its own.
     with threadpool_limits(1, user_api="blas"):
         verified = []
@@ -179,9 +181,26 @@ def estimate(
                 seconds,
                 "mdlgrok",
                 extra,
+                norms,
             )
         )
     return results
+
+
+def read_moments(oracle: LossOracle, data_aware: bool) -> tuple[dict, str]:
+    """The input moments of the linear maps and how errors will be measured. A closure that
+    cannot run under the recorder leaves the plain norms, with a warning and a note in every Result."""
+    if not data_aware:
+        return {}, "frobenius (data_aware=False)"
+    try:
+        moments = input_moments(oracle.loss_fn, oracle.probe, oracle.slots)
+    except Exception as exc:  # the closure, not the search: say so, measure in plain norms
+        warnings.warn(
+            f"input moments could not be read ({type(exc).__name__}: {exc}); errors are measured in Frobenius norms",
+            stacklevel=3,
+        )
+        return {}, f"frobenius (input moments unreadable: {type(exc).__name__})"
+    return moments, "data-aware" if moments else "frobenius (no matrix read only through F.linear)"
 
 
 def searches(oracle: LossOracle, base: float, rows, moments, lowrank: bool, seed: int, eps: list[float]):

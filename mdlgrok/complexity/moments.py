@@ -53,11 +53,8 @@ def input_moments(loss_fn, module: torch.nn.Module, weights: dict[str, torch.Ten
     diagonal 1 (so that |dW|_H^2 = tr(dW H dW^T) equals |dW|^2 for white noise), for the 2-D
     weights in `weights` that the loss reads only through F.linear. One call of loss_fn."""
     recorder = _Recorder({k: w for k, w in weights.items() if w.ndim == 2 and w.is_floating_point()})
-    try:
-        with torch.no_grad(), recorder:
-            loss_fn(module)
-    except Exception:  # moments only sharpen the search; without them errors are Frobenius
-        return {}
+    with torch.no_grad(), recorder:  # a closure that fails here raises: estimate warns and records it
+        loss_fn(module)
     out = {}
     for name, total in recorder.sums.items():
         h = total.cpu().numpy()

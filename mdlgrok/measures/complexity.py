@@ -108,6 +108,7 @@ def save_payloads(results, folder: Path, epoch: int, estimator: str) -> None:
                 "choices": r.choices,
                 "coarse_loss": r.coarse_loss,
                 "base_loss": r.base_loss,
+                "norms": r.norms,
             }
         )
     write_json(folder / f"epoch_{epoch:06d}.{estimator}.json", {"codecs": codec_versions(), "results": info})

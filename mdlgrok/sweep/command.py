@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from mdlgrok.config import MeasureConfig
-from mdlgrok.runs import RunDir, config_of, convert_run
+from mdlgrok.runs import RunDir, config_of, convert_run, rename_run
 from mdlgrok.sweep.executors import SlurmOptions, check_executor
 from mdlgrok.sweep.gather import TABLE_FILE
 from mdlgrok.sweep.plan import find_shared, plan
@@ -85,7 +85,7 @@ def convert_folder(path: str | Path, estimator_version: str = "unknown") -> list
             new = folder.with_name(key)
             if new.exists():
                 raise ValueError(f"cannot rename {folder} to {new.name}: it exists")
-            folder.rename(new)
+            rename_run(folder, new)
             renamed[folder.resolve()] = new.resolve()
             lines.append(f"renamed {folder} -> {new.name}")
     for link in sorted(p for p in path.glob("**/*") if p.is_symlink()):
