@@ -182,3 +182,83 @@ def summarize(table: pd.DataFrame, status: dict, name: str) -> str:
             f"estimator mdlgrok {comp['estimator_version']})"
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- measures against generalization
+# Measures computed from the weights and the training set alone (restricted loss reads the test
+# inputs, so it is drawn but not ranked), with the eps of complexity fixed at EPS_MAIN.
+TRAIN_ONLY = [
+    "complexity_bits",
+    "llc",
+    "excluded_loss",
+    "gini_embed",
+    "gini_neuron_logit",
+    "weight_norm",
+    "spectral_entropy",
+    "effective_rank",
+]
+DRAWN = [*TRAIN_ONLY, "restricted_loss", "train_acc", "test_acc"]
+
+
+def measure_curves(table: pd.DataFrame, eps: float = EPS_MAIN) -> pd.DataFrame:
+    """One row per (run, epoch), one column per measure of DRAWN (complexity at eps, mdlgrok's newest)."""
+    t = estimator_rows(table)
+    t = t[t.metric.isin(DRAWN) & ((t.metric != "complexity_bits") | (t.eps == eps))]
+    t = t.drop_duplicates(["run_id", "epoch", "metric"], keep="last")  # norms written by training and measured
+    return t.pivot_table(index=["run_id", "epoch"], columns="metric", values="value").reset_index()
+
+
+def scaled(curves: pd.DataFrame) -> pd.DataFrame:
+    """Each measure of each run scaled to [0, 1] over its epochs (min to max), long format."""
+    long = curves.melt(id_vars=["run_id", "epoch"], var_name="measure", value_name="value").dropna()
+    g = long.groupby(["run_id", "measure"]).value
+    span = (g.transform("max") - g.transform("min")).replace(0, float("nan"))
+    return long.assign(scaled=(long.value - g.transform("min")) / span)
+
+
+def turn_epoch(epochs: pd.Series, values: pd.Series, rising: bool) -> float:
+    """The first epoch after the extreme where the curve has gone half way from it to its final value:
+    for a falling measure the fall after its peak, for a rising one the rise after its trough."""
+    v = values.to_numpy() * (1 if not rising else -1)
+    e = epochs.to_numpy()
+    if len(v) < 3:
+        return math.nan
+    peak = int(v.argmax())
+    half = v[peak] - 0.5 * (v[peak] - v[-1])
+    after = [i for i in range(peak, len(v)) if v[i] <= half]
+    return float(e[after[0]]) if after and v[peak] > v[-1] else math.nan
+
+
+def tracking_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """How well each train-only measure tracks test accuracy over all checkpoints of all runs:
+    Spearman rank correlation (pooled), and per run the lead in epochs of the measure's turn
+    (the fall half way from its peak, or the rise from its trough for a measure that grows as
+    test accuracy does) before test accuracy's rise half way from its first to its best value
+    (positive: the measure moves first), median over the runs where both turn."""
+    rows = []
+    for measure in [m for m in TRAIN_ONLY if m in curves]:
+        both = curves[["run_id", "epoch", measure, "test_acc"]].dropna()
+        if len(both) < 3:
+            continue
+        rho = both[measure].rank().corr(both.test_acc.rank())
+        rising = rho > 0
+        leads = []
+        for _, run in both.sort_values("epoch").groupby("run_id"):
+            acc = run.test_acc.to_numpy()
+            half = acc[0] + 0.5 * (acc.max() - acc[0])
+            if acc.max() - acc[0] < 0.5:  # no generalization to time against
+                continue
+            rise = float(run.epoch.to_numpy()[(acc >= half).argmax()])
+            leads.append(rise - turn_epoch(run.epoch, run[measure], rising))
+        leads = [x for x in leads if not math.isnan(x)]
+        rows.append(
+            {
+                "measure": measure,
+                "spearman_test_acc": rho,
+                "runs": both.run_id.nunique(),
+                "checkpoints": len(both),
+                "runs_timed": len(leads),
+                "median_lead_epochs": float(pd.Series(leads).median()) if leads else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -16,7 +16,17 @@ from pathlib import Path
 import pandas as pd
 
 from mdlgrok import plots
-from mdlgrok.analysis import EPS_MAIN, description_table, estimator_rows, final_rows, run_summary, with_setting
+from mdlgrok.analysis import (
+    EPS_MAIN,
+    description_table,
+    estimator_rows,
+    final_rows,
+    measure_curves,
+    run_summary,
+    scaled,
+    tracking_table,
+    with_setting,
+)
 from mdlgrok.config import CONFIG_COLUMNS
 
 
@@ -45,11 +55,31 @@ def draw_experiment(folder: Path) -> list[Path]:
         if len(desc):
             desc.to_csv(folder / "description_lengths.csv", index=False)
             out.append(folder / "description_lengths.csv")
+    out += draw_measures(table, folder)
     summary = run_summary(table)
     summary.to_csv(folder / "summary.csv", index=False)
     out.append(folder / "summary.csv")
     out += plots.settings_summary(summary, folder / "summary")
     return out
+
+
+def draw_measures(table: pd.DataFrame, folder: Path) -> list[Path]:
+    """Where a table holds measures beside complexity (llc, fourier): one figure per run of every
+    measure scaled to [0, 1] against epoch, and measures_tracking.csv (analysis.tracking_table)."""
+    if not table.metric.isin(["llc", "gini_embed"]).any():
+        return []
+    curves = measure_curves(table)
+    out = []
+    names = table.drop_duplicates("run_id").set_index("run_id")
+    for run_id, long in scaled(curves).groupby("run_id"):
+        r = names.loc[run_id]
+        out += plots.measures_against_epoch(
+            long,
+            folder / f"measures_{r.task}_{r.setting.replace(', ', '_')}_s{r.seed}",
+            title=f"{folder.name}: {run_id}",
+        )
+    tracking_table(curves).to_csv(folder / "measures_tracking.csv", index=False)
+    return [*out, folder / "measures_tracking.csv"]
 
 
 def draw_estimator(path: Path) -> list[Path]:

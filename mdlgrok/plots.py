@@ -104,3 +104,15 @@ def settings_summary(summary: pd.DataFrame, path: str | Path) -> list[Path]:
         ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     return save(fig, path)
+
+
+def measures_against_epoch(long: pd.DataFrame, path: str | Path, title: str = "") -> list[Path]:
+    """Every measure of one run scaled to [0, 1] (analysis.scaled) against epoch, accuracies dashed."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    acc = long.measure.isin(["train_acc", "test_acc"])
+    sns.lineplot(long[~acc], x="epoch", y="scaled", hue="measure", marker=".", ax=ax)
+    sns.lineplot(long[acc], x="epoch", y="scaled", style="measure", color="black", ax=ax)
+    ax.set(xscale="log", ylabel="scaled to [0, 1] over the run", title=title)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return save(fig, path)

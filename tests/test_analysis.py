@@ -1,0 +1,67 @@
+"""Analysis of tidy tables on constructed curves with known answers."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mdlgrok.analysis import estimator_rows, measure_curves, scaled, tracking_table, turn_epoch
+
+EPOCHS = np.array([1, 10, 50, 100, 200, 300, 400, 600])
+CURVES = {
+    "complexity_bits": [1, 5, 9, 10, 8, 3, 2, 2],  # peaks at 100, half way down (6) first at 300
+    "gini_embed": [0, 0, 0, 0.1, 0.3, 0.8, 0.9, 0.9],  # rises with test accuracy, half way up at 300
+    "test_acc": [0, 0, 0.05, 0.1, 0.5, 0.9, 1, 1],  # half way up at 200
+    "train_acc": [1.0] * 8,
+}
+
+
+def _table(curves=CURVES, run_id="r") -> pd.DataFrame:
+    rows = []
+    for metric, values in curves.items():
+        measured = metric == "complexity_bits"
+        for epoch, value in zip(EPOCHS, values):
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "epoch": int(epoch),
+                    "metric": metric,
+                    "value": float(value),
+                    "eps": 0.5 if measured else math.nan,
+                    "estimator": "mdlgrok" if measured else "",
+                    "estimator_version": "3" if measured else "",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_turn_epochs_of_a_fall_and_a_rise():
+    e = pd.Series(EPOCHS)
+    assert turn_epoch(e, pd.Series(CURVES["complexity_bits"]), rising=False) == 300
+    assert turn_epoch(e, pd.Series(CURVES["gini_embed"]), rising=True) == 300
+    assert math.isnan(turn_epoch(e, pd.Series([1.0, 2, 3, 4, 5, 6, 7, 8]), rising=False))  # never falls
+
+
+def test_tracking_table_times_each_measure_against_test_accuracy():
+    table = pd.concat([_table(), _table(run_id="s")])
+    out = tracking_table(measure_curves(table)).set_index("measure")
+    assert out.loc["complexity_bits", "median_lead_epochs"] == -100  # falls 100 epochs after accuracy rises
+    assert out.loc["gini_embed", "median_lead_epochs"] == -100
+    assert out.loc["gini_embed", "spearman_test_acc"] > 0.9
+    assert out.loc["complexity_bits", "runs_timed"] == 2
+
+
+def test_scaled_curves_span_zero_to_one():
+    long = scaled(measure_curves(_table()))
+    for measure, g in long.groupby("measure"):
+        if g.value.nunique() > 1:
+            assert g.scaled.min() == 0 and g.scaled.max() == pytest.approx(1.0), measure
+
+
+def test_estimator_rows_keep_the_newest_version_of_each_run():
+    old = _table().assign(estimator_version=lambda d: d.estimator_version.replace("3", "2"))
+    both = pd.concat([old.assign(value=old.value * 2), _table()])
+    mine = estimator_rows(both)
+    assert set(mine[mine.estimator == "mdlgrok"].estimator_version) == {"3"}
+    assert len(mine[mine.estimator == ""]) == len(_table()[_table().estimator == ""]) * 2
