@@ -48,6 +48,13 @@ class TrainConfig:
     betas: tuple[float, float] = doc((0.9, 0.98), "AdamW betas (the paper's)")
     adam_eps: float = doc(1e-8, "AdamW epsilon (the paper's)")
     batch: int | None = doc(None, "minibatch (None: min(512, N_train // 2), the paper's; 0: full batch)")
+    grad_filter: str = doc("none", "none, or ema: Grokfast's EMA filter on the gradients (Lee et al. 2024)")
+    grad_alpha: float = doc(0.98, "EMA filter: decay alpha (Grokfast's code 0.98; its README 0.99)")
+    grad_lambda: float = doc(2.0, "EMA filter: amplification lambda (Grokfast's code 2.0; its README 5.0)")
+    init_from: str | None = doc(
+        None, "start from another run's weights: RUN or RUN:EPOCH (default its last checkpoint)"
+    )
+    subset: int | None = doc(None, "train on a seeded subset of this many of the split's training examples")
     epochs: int = doc(10_000, "epochs (the paper's 10,000; its 'steps' are epochs)")
     seed: int = doc(0, "seeds the split, the init, the shuffles and the noise")
 
@@ -73,6 +80,14 @@ class TrainConfig:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch is not None and self.batch < 0:
             raise ValueError(f"batch must be non-negative (0 = full batch), got {self.batch}")
+        if self.grad_filter not in ("none", "ema"):
+            raise ValueError(f"unknown grad_filter {self.grad_filter!r}; choose none or ema")
+        if not 0 <= self.grad_alpha < 1 or self.grad_lambda < 0:
+            raise ValueError(
+                f"EMA filter: alpha must lie in [0, 1) and lambda be >= 0, got {self.grad_alpha}, {self.grad_lambda}"
+            )
+        if self.subset is not None and self.subset < 1:
+            raise ValueError(f"subset must be a positive number of training examples, got {self.subset}")
 
     def task_config(self):
         from mdlgrok.tasks import TaskConfig
@@ -246,4 +261,4 @@ CONFIG_COLUMNS = [
     "seed",
     "epochs",
 ]
-EXTRA_COLUMNS = ["pos_rows", "noise", "lr", "batch", "adam_eps"]
+EXTRA_COLUMNS = ["pos_rows", "noise", "lr", "batch", "adam_eps", "grad_filter", "grad_lambda", "init_from", "subset"]

@@ -164,3 +164,36 @@ class WeightNoise:
         for p, c in zip(self.params, self.clean):
             p.copy_(c)
         self.clean = []
+
+
+class EmaGradFilter:
+    """Grokfast's EMA gradient filter (Lee et al. 2024, arXiv 2405.20233), applied to the gradients
+    between backward and the optimizer step:
+
+        mu <- alpha mu + (1 - alpha) g      (mu starts at the first gradient)
+        g  <- g + lambda mu
+
+    Its code's defaults are alpha 0.98, lambda 2.0 (its README suggests 0.99 and 5.0). alpha and
+    lambda are numbers, or per-model tensors that broadcast against stacked gradients (lambda 0:
+    no filter for that model)."""
+
+    def __init__(self, alpha, lamb):
+        self.alpha, self.lamb = alpha, lamb
+        self.mu: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self, grads: dict[str, torch.Tensor]) -> None:
+        """Filter the gradients in place."""
+        if self.mu is None:
+            self.mu = {k: g.detach().clone() for k, g in grads.items()}
+        else:
+            for k, g in grads.items():
+                alpha = _broadcast(self.alpha, g)
+                self.mu[k].mul_(alpha).add_(g * (1 - alpha))
+        for k, g in grads.items():
+            g.add_(self.mu[k] * _broadcast(self.lamb, g))
+
+
+def _broadcast(x, like: torch.Tensor):
+    """A number, or a per-model (N,) tensor shaped to broadcast against a stacked (N, ...) tensor."""
+    return x.view(-1, *([1] * (like.ndim - 1))) if isinstance(x, torch.Tensor) else x

@@ -189,8 +189,18 @@ def expand(experiment: str | Path | dict | Experiment, length: str | None = None
 
 
 def config_hash(cfg: TrainConfig, n: int = 12) -> str:
-    text = json.dumps(canonical(cfg), sort_keys=True, separators=(",", ":"))
+    """sha256 of the config's effective fields: options that are switched off (no gradient filter,
+    no init run, no subset) do not enter it, so adding such an option keeps every other key."""
+    text = json.dumps(effective(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def effective(cfg: TrainConfig) -> dict:
+    d = canonical(cfg)
+    if d["grad_filter"] == "none":
+        for k in ("grad_filter", "grad_alpha", "grad_lambda"):
+            d.pop(k)
+    return {k: v for k, v in d.items() if not (k in ("init_from", "subset") and v is None)}
 
 
 def run_key(cfg: TrainConfig) -> str:
@@ -208,5 +218,11 @@ def run_key(cfg: TrainConfig) -> str:
     for name, short in (("wd", "wd"), ("gamma", "g"), ("sigma", "n")):
         if getattr(cfg, name) != getattr(base, name):
             parts.append(f"{short}{getattr(cfg, name):g}")
+    if cfg.grad_filter != "none":
+        parts.append(f"{cfg.grad_filter}{cfg.grad_lambda:g}")
+    if cfg.init_from:
+        parts.append("init")
+    if cfg.subset:
+        parts.append(f"D{cfg.subset}")
     parts.append(f"s{cfg.seed}")
     return "-".join(parts + [config_hash(cfg)])

@@ -14,10 +14,10 @@ import json
 import torch
 
 from mdlgrok.config import TrainConfig
-from mdlgrok.models import build_model
-from mdlgrok.regularizers import WeightNoise, mean_spectral_entropy
-from mdlgrok.tasks import epoch_batches, make_dataset, paper_batch_size
+from mdlgrok.regularizers import EmaGradFilter, WeightNoise, mean_spectral_entropy
+from mdlgrok.tasks import epoch_batches, paper_batch_size
 from mdlgrok.training.objective import cross_entropy, model_metrics
+from mdlgrok.training.start import initial_model, training_data
 
 
 def batch_size(cfg: TrainConfig, n_train: int) -> int:
@@ -33,9 +33,8 @@ class SingleEngine:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.configs = [cfg]
-        self._data = make_dataset(cfg.task_config())
-        torch.manual_seed(cfg.seed)
-        self._model = build_model(cfg.model_config())
+        self._data = training_data(cfg)
+        self._model = initial_model(cfg)
         reg = cfg.reg_config()
         self.opt = torch.optim.AdamW(
             self._model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=reg.wd
@@ -45,6 +44,7 @@ class SingleEngine:
         params = list(self._model.parameters())
         self.noise = WeightNoise(params, reg.sigma, reg.noise, self.noise_gen) if reg.sigma else None
         self.batch = batch_size(cfg, len(self._data.y_train))
+        self.grad_filter = EmaGradFilter(cfg.grad_alpha, cfg.grad_lambda) if cfg.grad_filter == "ema" else None
         self.epoch, self.step = 0, 0
         self.grad_hook = None  # grad_hook(engine): after backward, before the optimizer step
 
@@ -66,6 +66,8 @@ class SingleEngine:
                 p.grad = torch.zeros_like(p)
         if self.noise:
             self.noise.remove()  # the gradient was taken at the noisy point; update the clean one
+        if self.grad_filter:
+            self.grad_filter({n: p.grad for n, p in self._model.named_parameters()})
         if self.grad_hook:
             self.grad_hook(self)
         self.opt.step()
@@ -94,7 +96,7 @@ class SingleEngine:
         """A diverged model: the loop stops (a single engine has no other model to go on with)."""
 
     def state(self, i: int = 0) -> dict:
-        return {
+        state = {
             "model": self._model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "rng": {"shuffle": self.shuffle_gen.get_state(), "noise": self.noise_gen.get_state()},
@@ -102,6 +104,9 @@ class SingleEngine:
             "step": self.step,
             "config": json.dumps(self.cfg.to_dict()),
         }
+        if self.grad_filter and self.grad_filter.mu is not None:
+            state["grad_filter"] = self.grad_filter.mu
+        return state
 
     def load_state(self, i: int, ckpt: dict) -> None:
         self._model.load_state_dict(ckpt["model"])
@@ -109,3 +114,5 @@ class SingleEngine:
         self.shuffle_gen.set_state(ckpt["rng"]["shuffle"])
         self.noise_gen.set_state(ckpt["rng"]["noise"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        if self.grad_filter and ckpt.get("grad_filter") is not None:
+            self.grad_filter.mu = {k: v.clone() for k, v in ckpt["grad_filter"].items()}

@@ -26,15 +26,15 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from mdlgrok.config import TrainConfig
-from mdlgrok.models import build_model
-from mdlgrok.regularizers import draw_noise, effective_ranks, mean_spectral_entropy
-from mdlgrok.tasks import epoch_batches, make_dataset
+from mdlgrok.regularizers import EmaGradFilter, draw_noise, effective_ranks, mean_spectral_entropy
+from mdlgrok.tasks import epoch_batches
 from mdlgrok.training.objective import cross_entropy
 from mdlgrok.training.single import batch_size
+from mdlgrok.training.start import initial_model, training_data
 
 # Fields that must agree for models to share one stacked step: the architecture and the data
 # shapes (split sizes, batch sizes, number of steps). Everything else is per model.
-SHARED_FIELDS = ("task", "p", "frac", "model", "layers", "attention", "pos_rows", "batch", "epochs")
+SHARED_FIELDS = ("task", "p", "frac", "model", "layers", "attention", "pos_rows", "batch", "subset", "epochs")
 
 
 def stack_mismatch(configs: list[TrainConfig]) -> str | None:
@@ -147,9 +147,8 @@ class StackedEngine:
         models, self.models_state = [], []
         noise_dev = "cpu" if self.exact_noise else self.device
         for cfg in configs:
-            data = make_dataset(cfg.task_config())
-            torch.manual_seed(cfg.seed)  # the init of SingleEngine(cfg)
-            models.append(build_model(cfg.model_config()))
+            data = training_data(cfg)
+            models.append(initial_model(cfg))  # the init of SingleEngine(cfg)
             self.models_state.append(
                 ModelState(
                     cfg,
@@ -180,6 +179,13 @@ class StackedEngine:
             [r.wd for r in regs],
         )
         self.active = torch.ones(self.n, dtype=torch.bool, device=self.device)
+        ema = [c.grad_filter == "ema" for c in configs]
+        self.grad_filter = None
+        if any(ema):  # lambda 0: a model without the filter
+            self.grad_filter = EmaGradFilter(
+                torch.tensor([c.grad_alpha for c in configs], device=self.device),
+                torch.tensor([c.grad_lambda if e else 0.0 for c, e in zip(configs, ema)], device=self.device),
+            )
         self.epoch, self.step = 0, 0
         self.grad_hook = None  # grad_hook(engine): after backward, before the optimizer step
 
@@ -239,6 +245,8 @@ class StackedEngine:
             p.grad = None
         loss = self.losses(idx)
         loss.sum().backward()  # model i's parameters receive only d loss_i
+        if self.grad_filter:
+            self.grad_filter({k: p.grad for k, p in self.params.items() if p.grad is not None})
         if self.grad_hook:
             self.grad_hook(self)
         self.opt.step(self._masks())
@@ -312,7 +320,7 @@ class StackedEngine:
                     "exp_avg_sq": self.opt.exp_avg_sq[k][i].detach().cpu().clone(),
                 }
         st = self.models_state[i]
-        return {
+        state = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "rng": {"shuffle": st.shuffle_gen.get_state(), "noise": st.noise_gen.get_state()},
@@ -320,6 +328,9 @@ class StackedEngine:
             "step": self.step,
             "config": json.dumps(cfg.to_dict()),
         }
+        if cfg.grad_filter == "ema" and self.grad_filter.mu is not None:
+            state["grad_filter"] = {k: v[i].detach().cpu().clone() for k, v in self.grad_filter.mu.items()}
+        return state
 
     @torch.no_grad()
     def load_state(self, i: int, ckpt: dict) -> None:
@@ -349,3 +360,8 @@ class StackedEngine:
                 f"{st.noise_gen.device} ({exc}); resume it where it started"
             ) from None
         self.epoch, self.step, self.opt.t = epoch, step, step
+        if self.grad_filter and ckpt.get("grad_filter") is not None:
+            if self.grad_filter.mu is None:  # the filter resumes: its averages exist for every model
+                self.grad_filter.mu = {k: torch.zeros_like(p) for k, p in self.params.items()}
+            for k, v in ckpt["grad_filter"].items():
+                self.grad_filter.mu[k][i] = v.to(self.device)
