@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, status 2
         print(f"mdlgrok: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("mdlgrok: interrupted", file=sys.stderr)
         return 130

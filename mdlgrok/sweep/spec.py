@@ -218,6 +218,10 @@ def run_key(cfg: TrainConfig) -> str:
     for name, short in (("wd", "wd"), ("gamma", "g"), ("sigma", "n")):
         if getattr(cfg, name) != getattr(base, name):
             parts.append(f"{short}{getattr(cfg, name):g}")
+    defaults = TrainConfig(task=cfg.task)
+    for name, short in (("frac", "f"), ("lr", "lr")):
+        if getattr(cfg, name) != getattr(defaults, name):
+            parts.append(f"{short}{getattr(cfg, name):g}")
     if cfg.grad_filter != "none":
         parts.append(f"{cfg.grad_filter}{cfg.grad_lambda:g}")
     if cfg.init_from:
