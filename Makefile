@@ -5,8 +5,8 @@ VENV_OK := .venv/.installed
 DEMO    := runs/demo
 
 EXPERIMENTS := rise_and_fall four_tasks regularizers gamma attention
-# LENGTH: cpu (600 epochs) or paper (10,000 epochs); JOBS: parallel runs
-LENGTH      ?= cpu
+# JOBS: parallel runs. results/<experiment>/ holds the CPU length (600 epochs),
+# results/paper/<experiment>/ the paper's 10,000 epochs.
 JOBS        ?= 2
 
 .PHONY: help install test test-slow check demo bench bench-train bench-estimator bench-stacked bench-sweep bench-measures figures reproduce clean
@@ -16,7 +16,8 @@ help:
 	@echo "make test            fast test suite (make test-slow for the long tests)"
 	@echo "make check           ruff: lint and format check of the package, tests and benchmarks"
 	@echo "make bench           training and estimator benchmarks"
-	@echo "make results/<experiment>/table.parquet   run the missing runs of experiments/<experiment>.toml"
+	@echo "make results/<experiment>/table.parquet   run the missing runs of experiments/<experiment>.toml (600 epochs)"
+	@echo "make results/paper/<experiment>/table.parquet   the same at the paper's 10,000 epochs"
 	@echo "make figures         redraw every figure from the tables in results/ (no training)"
 	@echo "make reproduce       every experiment, then the figures"
 
@@ -70,9 +71,15 @@ bench-stacked: $(VENV_OK)
 
 # One experiment: its missing runs (complete runs are skipped), then its tidy table in results/.
 results/%/table.parquet: experiments/%.toml | $(VENV_OK)
-	$(PY) -m mdlgrok sweep $< --jobs $(JOBS) --length $(LENGTH) --root runs/$(LENGTH)
+	$(PY) -m mdlgrok sweep $< --jobs $(JOBS) --length cpu --root runs/cpu
 	mkdir -p $(@D)
-	cp runs/$(LENGTH)/$*/table.parquet $@
+	cp runs/cpu/$*/table.parquet $@
+
+# The same at the paper's length (10,000 epochs), kept apart from the CPU-length tables.
+results/paper/%/table.parquet: experiments/%.toml | $(VENV_OK)
+	$(PY) -m mdlgrok sweep $< --jobs $(JOBS) --length paper --root runs/paper
+	mkdir -p $(@D)
+	cp runs/paper/$*/table.parquet $@
 
 # mdlgrok's search against the paper's on checkpoints of the demo run.
 results/estimator/bench_demo.parquet: | $(VENV_OK)

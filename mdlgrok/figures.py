@@ -90,7 +90,7 @@ def draw_estimator(path: Path) -> list[Path]:
 def draw_all(results: str | Path = "results") -> list[Path]:
     results = Path(results)
     out: list[Path] = []
-    for table in sorted(results.glob("*/table.parquet")):
+    for table in sorted(results.glob("**/table.parquet")):  # results/<experiment>/, results/paper/<experiment>/
         out += draw_experiment(table.parent)
     for bench in sorted(results.glob("estimator/bench*.parquet")):
         out += draw_estimator(bench)

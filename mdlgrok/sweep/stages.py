@@ -199,11 +199,12 @@ def measure_sweep(
     exp = load_experiment(experiment)
     cfg = measure or exp.measure or MeasureConfig()
     runs = plan(exp, root, length)
+    say = _say(progress)
+    share_runs(runs, root, say)  # complete runs of the same config in sibling experiments are linked
     complete = [r for r in runs if r.state == "complete"]
     from mdlgrok.measure import missing_checkpoints
 
     todo = [r for r in complete if again or missing_checkpoints(RunDir(r.path), cfg)]
-    say = _say(progress)
     say(
         f"measure {exp.name}: {len(runs)} runs, {len(complete)} complete, "
         f"{len(complete) - len(todo)} measured already, {len(todo)} to measure"
