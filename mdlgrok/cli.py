@@ -23,6 +23,9 @@ from mdlgrok.config import MeasureConfig, TrainConfig, add_arguments, from_argum
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):  # no prefixes: --mode is not --model
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
     def error(self, message: str):  # one line, no usage dump
         self.exit(2, f"mdlgrok: error: {message}\n")
 

@@ -3,11 +3,10 @@
 import json
 
 import pytest
+from conftest import snapshot
 
 from mdlgrok.cli import main
-from mdlgrok.results import RunDir
-
-from conftest import snapshot
+from mdlgrok.runs import RunDir
 
 
 def train_args(out, *extra):
@@ -25,27 +24,37 @@ def assert_one_error_line(capsys, *fragments):
     return lines[0]
 
 
-@pytest.mark.parametrize("extra,fragment", [
-    (["--task", "pow"], "unknown operation 'pow'"),
-    (["--p", "2"], "at least 3"),
-    (["--p", "-5"], "at least 3"),
-    (["--task", "div", "--p", "9"], "prime"),
-    (["--frac", "0"], "(0, 1)"),
-    (["--frac", "1.5"], "(0, 1)"),
-    (["--frac", "1"], "(0, 1)"),
-    (["--wd", "-1"], "wd must be non-negative"),
-    (["--gamma", "-0.1"], "gamma must be non-negative"),
-    (["--sigma", "-0.01"], "sigma must be non-negative"),
-    (["--preset", "best"], "unknown preset"),
-    (["--model", "cnn"], "unknown model"),
-    (["--attention", "linear"], "unknown attention"),
-    (["--noise", "pink"], "unknown noise"),
-    (["--epochs", "0"], "epochs"),
-    (["--lr", "-0.1"], "learning rate"),
-    (["--batch", "-2"], "batch"),
-    (["--pos-rows", "2"], "4 rows"),
-    (["--p", "3", "--frac", "0.1"], "empty"),
-])
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--task", "pow"], "unknown operation 'pow'"),
+        (["--p", "2"], "at least 3"),
+        (["--p", "-5"], "at least 3"),
+        (["--task", "div", "--p", "9"], "prime"),
+        (["--frac", "0"], "(0, 1)"),
+        (["--frac", "1.5"], "(0, 1)"),
+        (["--frac", "1"], "(0, 1)"),
+        (["--wd", "-1"], "wd must be non-negative"),
+        (["--gamma", "-0.1"], "gamma must be non-negative"),
+        (["--sigma", "-0.01"], "sigma must be non-negative"),
+        (["--preset", "best"], "unknown preset"),
+        (["--model", "cnn"], "unknown model"),
+        (["--attention", "linear"], "unknown attention"),
+        (["--noise", "pink"], "unknown noise"),
+        (["--epochs", "0"], "epochs"),
+        (["--lr", "-0.1"], "learning rate"),
+        (["--batch", "-2"], "batch"),
+        (["--pos-rows", "2"], "4 rows"),
+        (["--p", "3", "--frac", "0.1"], "empty"),
+        (["--betas", "0.9", "0.98", "--epochs", "0"], "epochs"),
+        (["--eps", "1"], "--measure"),  # measure settings without --measure
+        (["--estimator", "paper"], "--measure"),
+        (["--measures", "norms"], "--measure"),
+        (["--measure", "--eps", "1", "-1"], "eps"),
+        (["--measure", "--estimator", "magic"], "unknown estimator"),
+        (["--measure", "--measures", "colour"], "unknown measure"),
+    ],
+)
 def test_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, capsys, extra, fragment):
     out = tmp_path / "run"
     assert main(train_args(out, *extra)) == 2
@@ -54,13 +63,20 @@ def test_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, capsys, ext
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv", [
-    ["train", "--p", "seven"],
-    ["train", "--frac", "half"],
-    ["train", "--bogus-flag"],
-    ["fly"],
-    [],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--p", "seven"],
+        ["train", "--frac", "half"],
+        ["train", "--bogus-flag"],
+        ["train", "--betas", "0.9"],  # two numbers
+        ["complexity", "x.pt", "--mode", "paper"],  # the old flag, now --estimator
+        ["measure", "somewhere", "--mode", "paper"],
+        ["convert"],
+        ["fly"],
+        [],
+    ],
+)
 def test_malformed_arguments_exit_2_with_one_line(tmp_path, capsys, argv, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
@@ -94,14 +110,117 @@ def test_train_through_main_then_resume(tmp_path, capsys):
 
 def test_overrides_reach_the_config(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--task", "sub", "--p", "5", "--frac", "0.5", "--model", "mlp", "--preset", "none",
-                 "--sigma", "0.02", "--noise", "uniform", "--batch", "0", "--lr", "0.01", "--epochs", "2",
-                 "--seed", "3", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "sub",
+                "--p",
+                "5",
+                "--frac",
+                "0.5",
+                "--model",
+                "mlp",
+                "--preset",
+                "none",
+                "--sigma",
+                "0.02",
+                "--noise",
+                "uniform",
+                "--batch",
+                "0",
+                "--lr",
+                "0.01",
+                "--epochs",
+                "2",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((out / "config.json").read_text())
-    assert {k: cfg[k] for k in ("task", "p", "frac", "model", "layers", "preset", "wd", "gamma", "sigma", "noise",
-                                "batch", "lr", "epochs", "seed")} == {
-        "task": "sub", "p": 5, "frac": 0.5, "model": "mlp", "layers": 2, "preset": "none", "wd": 0.0, "gamma": 0.0,
-        "sigma": 0.02, "noise": "uniform", "batch": 0, "lr": 0.01, "epochs": 2, "seed": 3}
+    assert {
+        k: cfg[k]
+        for k in (
+            "task",
+            "p",
+            "frac",
+            "model",
+            "layers",
+            "preset",
+            "wd",
+            "gamma",
+            "sigma",
+            "noise",
+            "batch",
+            "lr",
+            "epochs",
+            "seed",
+        )
+    } == {
+        "task": "sub",
+        "p": 5,
+        "frac": 0.5,
+        "model": "mlp",
+        "layers": 2,
+        "preset": "none",
+        "wd": 0.0,
+        "gamma": 0.0,
+        "sigma": 0.02,
+        "noise": "uniform",
+        "batch": 0,
+        "lr": 0.01,
+        "epochs": 2,
+        "seed": 3,
+    }
+    assert (cfg["betas"], cfg["adam_eps"]) == ([0.9, 0.98], 1e-8)  # the paper's AdamW, unless given
+    assert "eps" not in cfg and "measure" not in cfg  # measure settings never enter the training config
+    assert not (out / "measures.parquet").exists() and not (out / "payloads").exists()
+
+
+def test_every_train_config_field_has_a_flag_that_reaches_the_config(tmp_path):
+    from dataclasses import fields
+
+    from mdlgrok.cli import parser
+    from mdlgrok.config import MeasureConfig, TrainConfig
+    from mdlgrok.training.single import SingleEngine
+
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "add",
+                "--p",
+                "5",
+                "--epochs",
+                "1",
+                "--betas",
+                "0.8",
+                "0.95",
+                "--adam-eps",
+                "1e-6",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    cfg = json.loads((out / "config.json").read_text())
+    assert set(cfg) == {f.name for f in fields(TrainConfig)}
+    assert (cfg["betas"], cfg["adam_eps"]) == ([0.8, 0.95], 1e-6)
+    group = SingleEngine(TrainConfig.from_dict(cfg)).opt.param_groups[0]
+    assert (group["betas"], group["eps"]) == ((0.8, 0.95), 1e-6)  # they reach the optimizer
+    # one flag per field (derived from the dataclass), none given: every field keeps its default
+    args = parser().parse_args(["train"])
+    assert all(getattr(args, f.name) is None for f in fields(TrainConfig) + fields(MeasureConfig))
 
 
 @pytest.fixture
@@ -138,7 +257,7 @@ def test_unreadable_checkpoint_on_resume_names_the_file(finished_run, capsys, da
     assert snapshot(finished_run) == before
 
 
-@pytest.mark.parametrize("text", ['{"task": "add", "p": 7', '[1, 2]', '{"task": "add", "p": 7, "frac": 3}'])
+@pytest.mark.parametrize("text", ['{"task": "add", "p": 7', "[1, 2]", '{"task": "add", "p": 7, "frac": 3}'])
 def test_unreadable_config_on_resume_names_the_file(finished_run, capsys, text):
     config = finished_run / "config.json"
     config.write_text(text)

@@ -19,7 +19,7 @@ from mdlgrok.complexity.estimate import PLAIN_EPS, read_rows
 from mdlgrok.complexity.search import LossOracle
 from mdlgrok.models import ModelConfig, build_model
 from mdlgrok.tasks import TaskConfig, make_dataset
-from mdlgrok.train import evaluate
+from mdlgrok.training.objective import evaluate
 
 
 # ---------------------------------------------------------------- models and closures
@@ -27,6 +27,7 @@ def ce_closure(x, y):
     def loss_fn(module):
         with torch.no_grad():
             return float(F.cross_entropy(module(x), y))
+
     return loss_fn
 
 
@@ -116,7 +117,7 @@ def test_trained_transformer_compresses(trained):
     assert all(r.bits < r.naive_bits for r in results)
     assert all(r.loss_evals == results[0].loss_evals > 0 for r in results)  # one shared search
     assert all(r.seconds == results[0].seconds > 0 for r in results)
-    assert all(r.mode == "mdlgrok" for r in results)
+    assert all(r.estimator == "mdlgrok" for r in results)
 
 
 def test_estimate_leaves_the_model_untouched(trained):
@@ -143,13 +144,19 @@ def test_eval_fn_metrics_describe_the_decoded_model(trained):
     (r,) = estimate(model, loss_fn, eps=[0.5], eval_fn=eval_fn)
     probe = copy.deepcopy(model)
     probe.load_state_dict(decode(r.payload))
-    assert r.extra == {"coarse_test_acc": evaluate(probe, data.x_test, data.y_test)[1],
-                       "train_loss_again": r.coarse_loss}
+    assert r.extra == {
+        "coarse_test_acc": evaluate(probe, data.x_test, data.y_test)[1],
+        "train_loss_again": r.coarse_loss,
+    }
 
 
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 2**16), width=st.integers(2, 12), scale=st.sampled_from([0.01, 1.0, 30.0]),
-       eps=st.lists(st.sampled_from([4.0, 1.0, 0.3, 0.05, 1e-3]), min_size=1, max_size=4, unique=True))
+@given(
+    seed=st.integers(0, 2**16),
+    width=st.integers(2, 12),
+    scale=st.sampled_from([0.01, 1.0, 30.0]),
+    eps=st.lists(st.sampled_from([4.0, 1.0, 0.3, 0.05, 1e-3]), min_size=1, max_size=4, unique=True),
+)
 def test_random_models_are_honest(seed, width, scale, eps):
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 4))
@@ -333,9 +340,14 @@ def test_bad_eps_is_a_value_error_before_any_loss_call(eps):
     assert calls == []
 
 
-def test_unknown_mode_is_a_value_error():
-    with pytest.raises(ValueError, match="mode"):
-        estimate(tiny_transformer(), lambda m: 1.0, [1.0], mode="magic")
+@pytest.mark.parametrize("removed", [{"mode": "paper"}, {"mode": "magic"}, {"constraint_fn": lambda m: 1.0}])
+def test_the_removed_mode_options_fail_loudly_before_any_loss_call(removed):
+    """estimate is mdlgrok's search only: the paper's procedure is paper_estimate, so the old
+    mode= and constraint_fn= arguments are rejected, never silently ignored."""
+    calls = []
+    with pytest.raises(TypeError, match=next(iter(removed))):
+        estimate(tiny_transformer(), lambda m: calls.append(1) or 1.0, [1.0], **removed)
+    assert calls == []
 
 
 def test_loss_closure_that_raises_is_a_loss_error():
@@ -395,17 +407,23 @@ def test_a_shifted_entry_decodes_scaled_by_its_grid_steps():
     from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, targets_of, zero_entry
     from mdlgrok.complexity.payload import entry_tensor
     from mdlgrok.complexity.search import shifted
+
     (t,) = targets_of({"w": torch.randn(6, 5, generator=torch.Generator().manual_seed(0))})
     for entry in (dense_entry(t, -16), lowrank_entry(t, 2, -16, -20)):
         for d in (-3, 1, 4):
-            np.testing.assert_allclose(entry_tensor(shifted(entry, d)).numpy(), entry_tensor(entry).numpy() * 2 ** (d / 8),
-                                       rtol=1e-6, atol=1e-12)
+            np.testing.assert_allclose(
+                entry_tensor(shifted(entry, d)).numpy(),
+                entry_tensor(entry).numpy() * 2 ** (d / 8),
+                rtol=1e-6,
+                atol=1e-12,
+            )
     assert shifted(zero_entry(t), 2) == zero_entry(t)
 
 
 def test_calibration_scales_up_an_underconfident_readout():
     from mdlgrok.complexity.coarse import targets_of
     from mdlgrok.complexity.search import MAX_SHIFT, Search
+
     torch.manual_seed(0)
     x = torch.randn(200, 4)
     y = x.argmax(1)

@@ -1,4 +1,5 @@
-"""Figures and description-length tables are drawn from saved tables only."""
+"""Figures and description-length tables are drawn from saved tables only: mdlgrok.analysis
+computes (from mdlgrok's estimator rows, at their newest version), mdlgrok.figures draws."""
 
 import math
 
@@ -6,13 +7,26 @@ import pandas as pd
 import pytest
 
 from mdlgrok import mdl
+from mdlgrok.analysis import (
+    EPS_MAIN,
+    complexity_summary,
+    description_table,
+    estimator_rows,
+    n_train,
+    run_summary,
+    summarize,
+    with_setting,
+)
 from mdlgrok.cli import main
-from mdlgrok.figures import description_table, draw_all, n_train, run_summary, with_setting
+from mdlgrok.figures import draw_all
 from mdlgrok.sweep import run_sweep
 
-TINY = {"name": "tiny", "measure": True,
-        "base": {"p": 7, "epochs": 3, "eps": [1.0, 0.5]},
-        "grid": {"task": ["add"], "preset": ["ours", "none"], "seed": [0]}}
+TINY = {
+    "name": "tiny",
+    "measure": {"eps": [1.0, 0.5]},
+    "base": {"p": 7, "epochs": 3},
+    "grid": {"task": ["add"], "preset": ["ours", "none"], "seed": [0]},
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +42,14 @@ def results(tmp_path_factory):
 def test_figures_drawn_from_table(results):
     files = draw_all(results.parent)
     names = {f.name for f in files}
-    assert {"rise_and_fall_add.png", "rise_and_fall_add.pdf", "final_complexity_vs_eps.png",
-            "description_lengths.csv", "summary.csv", "summary.png"} <= names
+    assert {
+        "rise_and_fall_add.png",
+        "rise_and_fall_add.pdf",
+        "final_complexity_vs_eps.png",
+        "description_lengths.csv",
+        "summary.csv",
+        "summary.png",
+    } <= names
     assert all(f.stat().st_size > 0 for f in files)
     assert (results / "figure_configs.json").exists()
 
@@ -63,12 +83,17 @@ def test_run_summary_names_settings_and_matches_the_runs(results):
 
 
 def test_settings_name_what_varies():
-    rows = [{"run_id": f"r{g}", "preset": "ours", "attention": "paper", "wd": 1.0, "gamma": g, "sigma": 0.01}
-            for g in (0.0, 0.03)]
+    rows = [
+        {"run_id": f"r{g}", "preset": "ours", "attention": "paper", "wd": 1.0, "gamma": g, "sigma": 0.01}
+        for g in (0.0, 0.03)
+    ]
     assert sorted(with_setting(pd.DataFrame(rows)).setting) == ["gamma=0", "gamma=0.03"]
     rows += [{"run_id": "n", "preset": "none", "attention": "softmax", "wd": 0.0, "gamma": 0.0, "sigma": 0.0}]
-    assert sorted(with_setting(pd.DataFrame(rows)).setting) == ["none, softmax, gamma=0", "ours, paper, gamma=0",
-                                                                "ours, paper, gamma=0.03"]
+    assert sorted(with_setting(pd.DataFrame(rows)).setting) == [
+        "none, softmax, gamma=0",
+        "ours, paper, gamma=0",
+        "ours, paper, gamma=0.03",
+    ]
     assert set(with_setting(pd.DataFrame(rows[:1])).setting) == {"all"}
 
 
@@ -76,3 +101,48 @@ def test_figures_cli_without_tables_fails_cleanly(tmp_path, capsys):
     assert main(["figures", "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no tables" in err[0]
+
+
+def other_estimators(table):
+    """The table with rows no figure should draw: the paper's estimator, and an older version of mdlgrok's."""
+    measured = table[table.estimator == "mdlgrok"]
+    paper = measured.assign(estimator="paper", value=measured.value * 3)
+    older = measured.assign(estimator_version="2", value=measured.value * 5)
+    return pd.concat([table, paper, older], ignore_index=True)
+
+
+def test_analysis_reads_mdlgroks_newest_rows_only(results):
+    table = pd.read_parquet(results / "table.parquet")
+    assert EPS_MAIN == 0.5 and set(table[table.estimator != ""].estimator) == {"mdlgrok"}
+    mixed = other_estimators(table)
+    kept = estimator_rows(mixed)
+    pd.testing.assert_frame_equal(
+        kept.sort_values(list(kept.columns)).reset_index(drop=True),
+        table.sort_values(list(table.columns)).reset_index(drop=True),
+    )
+    paper = estimator_rows(mixed, "paper")
+    assert set(paper.estimator) == {"", "paper"} and len(paper) == len(table)
+    for run_id, g in table.groupby("run_id"):
+        assert complexity_summary(mixed[mixed.run_id == run_id]) == complexity_summary(g)
+        assert complexity_summary(g)["estimator_version"] == g[g.estimator == "mdlgrok"].estimator_version.iloc[0]
+    pd.testing.assert_frame_equal(description_table(mixed), description_table(table))
+    pd.testing.assert_frame_equal(run_summary(mixed), run_summary(table))
+    assert complexity_summary(table[table.estimator == ""]) is None  # training rows alone: no complexity
+
+
+def test_summarize_one_run(results):
+    table = pd.read_parquet(results / "table.parquet")
+    run_id = sorted(table.run_id.unique())[0]
+    text = summarize(table[table.run_id == run_id], {"state": "complete", "wall_s": 1.5}, run_id)
+    assert text.splitlines()[0] == f"run {run_id} (complete, 1.5 s)"
+    assert "complexity at eps 0.5" in text and "estimator mdlgrok" in text
+
+
+def test_figures_draw_mdlgroks_rows_even_beside_other_estimators(results, tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    other_estimators(pd.read_parquet(results / "table.parquet")).to_parquet(folder / "table.parquet", index=False)
+    draw_all(tmp_path)
+    draw_all(results.parent)
+    for name in ("summary.csv", "description_lengths.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(folder / name), pd.read_csv(results / name))

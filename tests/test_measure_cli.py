@@ -1,5 +1,6 @@
-"""The complexity stage through the `mdlgrok` command, in-process: train --measure, measure
-(in one process and in two), complexity, summary --plot, and bad input (status 2, one line)."""
+"""The measure stage through the `mdlgrok` command, in-process: train --measure, measure
+(in one process and in two, --again, --measures), complexity, summary --plot, and bad input
+(status 2, one line). Training writes metrics.parquet; measuring writes measures.parquet."""
 
 import math
 import shutil
@@ -8,18 +9,28 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from mdlgrok.cli import main
-from mdlgrok.complexity import decode
-from mdlgrok.complexity.codecs import CODEC_IDS
-from mdlgrok.measure import model_from_checkpoint
-from mdlgrok.train import evaluate
-
 from conftest import snapshot
 
+from mdlgrok.cli import main
+from mdlgrok.complexity import VERSION, decode
+from mdlgrok.complexity.codecs import CODEC_IDS
+from mdlgrok.config import MeasureConfig
+from mdlgrok.measures.complexity import options_of
+from mdlgrok.runs import MEASURE_COLUMNS, METRIC_COLUMNS, model_from_checkpoint
+from mdlgrok.training.objective import evaluate
+
 EPS = [1.0, 0.5]
-COMPARED = ["complexity_bits", "naive_bits", "coarse_train_loss", "coarse_test_loss", "coarse_train_acc",
-            "coarse_test_acc", "data_bits", "codec_bits", "loss_evals"]
+COMPARED = [
+    "complexity_bits",
+    "naive_bits",
+    "coarse_train_loss",
+    "coarse_test_loss",
+    "coarse_train_acc",
+    "coarse_test_acc",
+    "data_bits",
+    "codec_bits",
+    "loss_evals",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,20 +49,41 @@ def one_thread_workers():
 def run(tmp_path_factory):
     """A 2-epoch run of add mod 7 measured as it trains (checkpoints at epochs 1 and 2)."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    argv = ["train", "--task", "add", "--p", "7", "--epochs", "2", "--pos-rows", "4", "--out", str(out), "--quiet",
-            "--measure", "--eps", *map(str, EPS)]
+    argv = [
+        "train",
+        "--task",
+        "add",
+        "--p",
+        "7",
+        "--epochs",
+        "2",
+        "--pos-rows",
+        "4",
+        "--out",
+        str(out),
+        "--quiet",
+        "--measure",
+        "--eps",
+        *map(str, EPS),
+    ]
     assert main(argv) == 0
     return out
 
 
 def metrics(run):
+    """The training metrics (training writes them, measuring never does)."""
     return pd.read_parquet(run / "metrics.parquet")
+
+
+def measures(run):
+    return pd.read_parquet(run / "measures.parquet")
 
 
 def complexity_rows(table):
     rows = table[table.metric.isin(COMPARED)]
     return rows.sort_values(["epoch", "eps", "metric", "codec"]).reset_index(drop=True)[
-        ["epoch", "metric", "eps", "codec", "estimator", "value"]]
+        ["epoch", "metric", "eps", "codec", "estimator", "estimator_version", "options", "value"]
+    ]
 
 
 def payload_file(run, epoch, eps):
@@ -70,10 +102,25 @@ def assert_one_error_line(capsys, *fragments):
 
 # ---------------------------------------------------------------- train --measure
 def test_train_measure_writes_complexity_rows(run):
-    table = metrics(run)
+    training = metrics(run)
+    assert list(training.columns) == METRIC_COLUMNS
+    assert set(training.metric) == {
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "weight_norm",
+        "spectral_entropy",
+        "effective_rank",
+    }  # no measure rows among them
+    table = measures(run)
+    assert list(table.columns) == MEASURE_COLUMNS
+    assert set(table.run_id) == {"run"} and set(table.estimator) == {"mdlgrok"}
+    assert set(table.estimator_version) == {VERSION}
+    assert set(table.options) == {options_of(MeasureConfig(eps=EPS))}
     c = table[table.metric == "complexity_bits"]
     assert sorted(zip(c.epoch, c.eps)) == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
-    assert set(c.estimator) == {"mdlgrok"}
+    assert set(c.step) == set(training.step)
     assert set(c.codec) <= set(CODEC_IDS) and "" not in set(c.codec)
     assert (c.value > 0).all() and (c.value % 8 == 0).all()
     for metric in ("naive_bits", "coarse_train_loss", "coarse_test_acc", "data_bits", "codec_bits", "loss_evals"):
@@ -84,15 +131,13 @@ def test_train_measure_writes_complexity_rows(run):
     for (epoch, eps), group in codec_rows.groupby(["epoch", "eps"]):
         best = c[(c.epoch == epoch) & (c.eps == eps)].value.item()
         assert group.value.min() == best  # the complexity is the shortest codec's payload
-    training = table[table.metric == "train_loss"]
-    assert training.eps.isna().all() and (training.codec == "").all()
     for epoch in (1, 2):
         at = c[c.epoch == epoch].set_index("eps").value
         assert at[1.0] <= at[0.5]  # complexity does not grow with eps
 
 
 def test_payload_files_decode_into_weights_meeting_the_constraint(run):
-    table = metrics(run)
+    table = measures(run)
     for epoch in (1, 2):
         model, data, ckpt_epoch, _ = model_from_checkpoint(run / "checkpoints" / f"epoch_{epoch:06d}.pt")
         assert ckpt_epoch == epoch
@@ -111,21 +156,47 @@ def test_payload_files_decode_into_weights_meeting_the_constraint(run):
 
 # ---------------------------------------------------------------- measure
 def test_measure_in_one_or_two_processes_gives_the_rows_measured_while_training(run, capsys):
-    trained_rows = complexity_rows(metrics(run))
-    n_training_rows = (metrics(run).estimator == "").sum()
+    trained_rows = complexity_rows(measures(run))
+    n_rows = len(measures(run))
+    training = (run / "metrics.parquet").read_bytes()
+
+    # measured already with this config: nothing to do, nothing written
+    before = snapshot(run)
+    assert main(["measure", str(run), "--quiet", "--eps", *map(str, EPS)]) == 0
+    assert f"measured 0 checkpoints of {run}" in capsys.readouterr().out
+    assert snapshot(run) == before
 
     threads = torch.get_num_threads()
-    assert main(["measure", str(run), "--jobs", "1", "--quiet", "--eps", *map(str, EPS)]) == 0
+    assert main(["measure", str(run), "--jobs", "1", "--quiet", "--again", "--eps", *map(str, EPS)]) == 0
     assert torch.get_num_threads() == threads  # in-process measuring leaves the caller's setting alone
-    assert str(run / "metrics.parquet") in capsys.readouterr().out
-    one = metrics(run)
+    assert f"measured 2 checkpoints of {run} into {run / 'measures.parquet'}" in capsys.readouterr().out
+    one = measures(run)
     pd.testing.assert_frame_equal(complexity_rows(one), trained_rows)
-    assert (one.estimator == "").sum() == n_training_rows  # training rows kept, complexity rows replaced
+    assert len(one) == n_rows  # rows of the same key replaced, never duplicated
+    assert (run / "metrics.parquet").read_bytes() == training  # measuring never touches the training metrics
 
-    assert main(["measure", str(run), "--jobs", "2", "--quiet", "--eps", *map(str, EPS)]) == 0
-    two = metrics(run)
+    assert main(["measure", str(run), "--jobs", "2", "--quiet", "--again", "--eps", *map(str, EPS)]) == 0
+    two = measures(run)
     pd.testing.assert_frame_equal(complexity_rows(two), trained_rows)
-    assert len(two) == len(one)
+    assert len(two) == n_rows
+    assert (run / "metrics.parquet").read_bytes() == training
+
+
+def test_another_measure_adds_rows_beside_the_complexity(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = measures(copy)
+    assert main(["measure", str(copy), "--measures", "norms", "--quiet"]) == 0
+    after = measures(copy)
+    norms = after[after.estimator == "norms"]
+    assert sorted(norms.metric.unique()) == ["effective_rank", "spectral_entropy", "weight_norm"]
+    assert sorted(norms.epoch.unique()) == [1, 2] and norms.eps.isna().all() and (norms.codec == "").all()
+    pd.testing.assert_frame_equal(after[after.estimator == "mdlgrok"].reset_index(drop=True), before)
+    # the definitions training records: the same values as the training rows of each epoch
+    training = metrics(copy).set_index(["epoch", "metric"]).value
+    for r in norms.itertuples():
+        assert r.value == pytest.approx(training[(r.epoch, r.metric)], rel=1e-5, abs=1e-6), r
+    assert snapshot(copy / "payloads") == snapshot(run / "payloads")  # norms write no payloads
 
 
 # ---------------------------------------------------------------- complexity, summary
@@ -179,8 +250,14 @@ def test_eps_that_is_not_a_number_is_a_usage_error(run, capsys):
 
 def _broken_checkpoints(run, folder):
     real = (run / "checkpoints" / "epoch_000001.pt").read_bytes()
-    files = {"missing": folder / "missing.pt", "empty": folder / "empty.pt", "truncated": folder / "truncated.pt",
-             "random": folder / "random.pt", "foreign": folder / "foreign.pt", "folder": folder / "a_folder.pt"}
+    files = {
+        "missing": folder / "missing.pt",
+        "empty": folder / "empty.pt",
+        "truncated": folder / "truncated.pt",
+        "random": folder / "random.pt",
+        "foreign": folder / "foreign.pt",
+        "folder": folder / "a_folder.pt",
+    }
     files["empty"].write_bytes(b"")
     files["truncated"].write_bytes(real[: len(real) // 2])
     files["random"].write_bytes(np.random.default_rng(0).bytes(4096))
@@ -196,12 +273,13 @@ def test_broken_checkpoint_is_one_line_naming_the_file(run, tmp_path, capsys, ki
     assert_one_error_line(capsys, str(path))
 
 
-def test_broken_checkpoint_inside_a_run_fails_measure_cleanly(run, tmp_path, capsys):
+@pytest.mark.parametrize("how", [["--again", "--eps", "0.5"], ["--eps", "0.25"]])
+def test_broken_checkpoint_inside_a_run_fails_measure_cleanly(run, tmp_path, capsys, how):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     (copy / "checkpoints" / "epoch_000001.pt").write_bytes(b"\x00" * 100)
     before = snapshot(copy)
-    assert main(["measure", str(copy), "--jobs", "1", "--quiet", "--eps", "0.5"]) == 2
+    assert main(["measure", str(copy), "--jobs", "1", "--quiet", *how]) == 2
     assert_one_error_line(capsys, "epoch_000001.pt")
     assert snapshot(copy) == before
 
@@ -222,7 +300,7 @@ def test_summary_of_an_empty_folder(tmp_path, capsys):
 
 
 def test_nan_is_never_written_as_a_complexity(run):
-    table = metrics(run)
+    table = measures(run)
     c = table[table.metric.isin(["complexity_bits", "naive_bits", "coarse_train_loss"])]
     assert c.value.map(math.isfinite).all()
 
@@ -230,6 +308,6 @@ def test_nan_is_never_written_as_a_complexity(run):
 @pytest.mark.slow
 def test_complexity_report_in_paper_mode(run, capsys):
     ckpt = run / "checkpoints" / "epoch_000001.pt"
-    assert main(["complexity", str(ckpt), "--eps", "0.5", "--mode", "paper"]) == 0
+    assert main(["complexity", str(ckpt), "--eps", "0.5", "--estimator", "paper"]) == 0
     out = capsys.readouterr().out
     assert "estimator paper" in out and "bz2-pickle" in out

@@ -1,9 +1,9 @@
-"""The paper-faithful mode: bz2(pickle(float32 arrays)), global (tau, delta), Bayesian
-optimization with 2 probes + 10 random + 50 guided points per eps; and a decoder that never
-unpickles anything but numpy arrays."""
+"""The paper's estimator (`paper_estimate`): bz2(pickle(float32 arrays)), global (tau, delta),
+Bayesian optimization with 2 probes + 10 random + 50 guided points per eps, Results of the
+same shape as `estimate`'s; and a decoder that never unpickles anything but numpy arrays."""
 
-import bz2
 import builtins
+import bz2
 import copy
 import math
 import os
@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mdlgrok.complexity import estimate
-from mdlgrok.complexity import paper
+from mdlgrok.complexity import PAPER_EPS, decode_paper, estimate, paper, paper_estimate
 from mdlgrok.complexity.coarse import targets_of
-from mdlgrok.complexity.paper import coarse_arrays, decode_paper, paper_estimate, size_bytes
+from mdlgrok.complexity.paper import coarse_arrays, size_bytes
+from mdlgrok.complexity.payload import matrix_shape
 
 
 def tiny_problem(dtype=torch.float32):
@@ -58,7 +58,7 @@ def decoded_loss(model, loss_fn, payload):
 def full_search():
     """One eps with the paper's full budget: 2 + 10 + 50 loss evaluations."""
     model, loss_fn, calls = tiny_problem()
-    results = estimate(model, loss_fn, eps=[0.5], mode="paper")
+    results = paper_estimate(model, loss_fn, eps=[0.5])
     return model, loss_fn, len(calls), results
 
 
@@ -71,13 +71,47 @@ def test_paper_mode_spends_62_loss_evaluations_per_eps(full_search):
 
 def test_paper_mode_result_is_honest(full_search):
     model, loss_fn, _, (r,) = full_search
-    assert r.mode == "paper" and r.eps == 0.5
+    assert r.estimator == "paper" and r.eps == 0.5
     assert r.bits == 8 * len(r.payload)
     assert r.codec_bits == {r.codec: r.bits}
     assert r.base_loss == loss_fn(model)
     assert decoded_loss(model, loss_fn, r.payload) == r.coarse_loss
     assert r.coarse_loss <= r.base_loss + r.eps
-    assert 0 <= r.choices[0]["tau"] <= 1 and 1e-3 <= r.choices[0]["delta"] <= 1
+    check_choices(model, r)
+
+
+def check_choices(model, r):
+    """Choices per coded tensor, as estimate's (name, kind, rank, bins, rows, fourier) plus the
+    search's one global tau; one bin (the global delta) per coded array."""
+    decoded = decode_paper(r.payload, shapes_of(model))
+    assert [c["name"] for c in r.choices] == list(decoded)
+    assert set(decoded) <= set(model.state_dict())
+    taus = {c["tau"] for c in r.choices}
+    deltas = {b for c in r.choices for b in c["bins"]}
+    assert len(taus) == 1 and 0 <= taus.pop() <= 1
+    assert len(deltas) == 1 and 1e-3 <= deltas.pop() <= 1
+    for c in r.choices:
+        assert set(c) == {"name", "kind", "rank", "bins", "rows", "fourier", "tau"}
+        assert c["rows"] is None and c["fourier"] is None
+        if c["kind"] == "lowrank":
+            assert len(c["bins"]) == 2 and 0 <= c["rank"] < min(decoded[c["name"]].shape)  # tau 0: rank 0
+            assert torch.linalg.matrix_rank(decoded[c["name"]], rtol=1e-4) <= c["rank"]  # float32 product
+        else:
+            assert c["kind"] == "dense" and len(c["bins"]) == 1 and c["rank"] is None
+
+
+def test_paper_estimate_defaults_to_the_papers_eps_and_shares_the_result_shape(short_search):
+    model, loss_fn, _ = tiny_problem()
+    results = paper_estimate(model, loss_fn)
+    assert [r.eps for r in results] == list(PAPER_EPS)
+    (mine,) = estimate(model, loss_fn, [1.0])
+    for r in results:
+        assert type(r) is type(mine) and r.estimator == "paper" and mine.estimator == "mdlgrok"
+        assert r.naive_bits == mine.naive_bits and r.base_loss == mine.base_loss
+        assert r.ratio == r.naive_bits / r.bits
+        check_choices(model, r)
+    with pytest.raises(ValueError, match="eps"):
+        paper_estimate(model, loss_fn, [0.5, -1.0])
 
 
 @pytest.fixture
@@ -91,7 +125,7 @@ def short_search(monkeypatch):
 def test_one_search_per_eps_in_the_order_given(short_search):
     model, loss_fn, calls = tiny_problem()
     eps = [0.05, 2.0, 0.5]
-    results = estimate(model, loss_fn, eps=eps, mode="paper")
+    results = paper_estimate(model, loss_fn, eps=eps)
     assert [r.eps for r in results] == eps
     assert [r.loss_evals for r in results] == [short_search] * 3
     assert len(calls) == 1 + 3 * short_search
@@ -160,6 +194,19 @@ def test_decode_paper_round_trips_legitimate_arrays():
     assert set(out) == {"w", "b"}
     np.testing.assert_array_equal(out["w"].numpy(), arrays["w"][0] @ arrays["w"][1])
     np.testing.assert_array_equal(out["b"].numpy(), arrays["b"][0])
+    # without shapes, each tensor keeps its matrix shape (the same here: none has more than two dimensions)
+    bare = decode_paper(size_bytes(arrays))
+    assert set(bare) == set(out) and all(torch.equal(bare[k], out[k]) for k in out)
+
+
+def test_decode_paper_reshapes_tensors_of_more_than_two_dimensions_when_given_shapes():
+    g = torch.Generator().manual_seed(2)
+    state = {"conv": torch.randn(4, 3, 2, generator=g)}
+    arrays = coarse_arrays(targets_of(state), 1.0, 1e-3)
+    out = decode_paper(size_bytes(arrays), {"conv": (4, 3, 2)})
+    assert out["conv"].shape == (4, 3, 2)
+    assert decode_paper(size_bytes(arrays))["conv"].shape == matrix_shape((4, 3, 2))  # without shapes: the matrix
+    assert torch.allclose(out["conv"], state["conv"], atol=0.5e-3 + 1e-6)
 
 
 # ---------------------------------------------------------------- safe unpickling
@@ -171,12 +218,15 @@ class Reduce:
         return self.fn, self.args
 
 
-@pytest.mark.parametrize("make", [
-    lambda marker: Reduce(os.system, (f"touch {marker}",)),
-    lambda marker: Reduce(builtins.exec, (f"open({str(marker)!r}, 'w').close()",)),
-    lambda marker: Reduce(subprocess.call, (["touch", str(marker)],)),
-    lambda marker: Reduce(np.frombuffer, (b"\x00" * 8,)),  # numpy, but not an array constructor we allow
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda marker: Reduce(os.system, (f"touch {marker}",)),
+        lambda marker: Reduce(builtins.exec, (f"open({str(marker)!r}, 'w').close()",)),
+        lambda marker: Reduce(subprocess.call, (["touch", str(marker)],)),
+        lambda marker: Reduce(np.frombuffer, (b"\x00" * 8,)),  # numpy, but not an array constructor we allow
+    ],
+)
 def test_decode_paper_refuses_anything_but_numpy_arrays(tmp_path, make):
     marker = tmp_path / "executed"
     evil = {"w": [np.zeros((2, 2), dtype=np.float32), make(marker)]}
@@ -186,10 +236,10 @@ def test_decode_paper_refuses_anything_but_numpy_arrays(tmp_path, make):
     assert not marker.exists()
 
 
-def test_constraint_fn_passes_through_estimate_only_in_paper_mode(short_search):
+def test_constraint_fn_is_paper_estimates_alone(short_search):
     model, loss_fn, _ = tiny_problem()
     seen = []
-    (r,) = estimate(model, loss_fn, [0.05], mode="paper", constraint_fn=lambda m: seen.append(1) or 0.0)
+    (r,) = paper_estimate(model, loss_fn, [0.05], constraint_fn=lambda m: seen.append(1) or 0.0)
     assert seen and r.coarse_loss <= r.base_loss + 0.05
-    with pytest.raises(ValueError, match="mode='paper'"):
+    with pytest.raises(TypeError, match="constraint_fn"):  # mdlgrok's search has no minibatch check
         estimate(model, loss_fn, [0.05], constraint_fn=lambda m: 0.0)

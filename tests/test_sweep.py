@@ -10,24 +10,33 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import snapshot
 
-import mdlgrok.train as train_mod
+import mdlgrok.measure as measure_mod
+import mdlgrok.training.loop as loop_mod
 from mdlgrok import sweep
 from mdlgrok.cli import main
-from mdlgrok.results import RunDir
-from mdlgrok.sweep import CONFIG_COLUMNS, expand, gather, load_experiment, run_key, run_sweep
-from mdlgrok.train import PAPER_EPS, TrainConfig
-
-from conftest import snapshot
+from mdlgrok.config import CONFIG_COLUMNS, PAPER_EPS, MeasureConfig, TrainConfig
+from mdlgrok.measure import missing_checkpoints
+from mdlgrok.runs import RunDir
+from mdlgrok.sweep import executors, expand, gather, load_experiment, run_key, run_sweep, stages
+from mdlgrok.sweep.gather import convert_table
+from mdlgrok.sweep.plan import stack_groups
+from mdlgrok.training import train
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
-def tiny(name="tiny", grid=None, epochs=3, **base):
-    """add mod 7 with a 4-row positional table: each run trains in a fraction of a second."""
-    return {"name": name, "base": {"task": "add", "p": 7, "pos_rows": 4, **base},
-            "grid": grid if grid is not None else {"seed": [0, 1], "preset": ["ours", "none"]},
-            "lengths": {"cpu": epochs, "paper": epochs + 1}}
+def tiny(name="tiny", grid=None, epochs=3, measure=None, **base):
+    """add mod 7 with a 4-row positional table: each run trains in a fraction of a second.
+    measure: the experiment's [measure] table (None: its runs are not measured)."""
+    exp = {
+        "name": name,
+        "base": {"task": "add", "p": 7, "pos_rows": 4, **base},
+        "grid": grid if grid is not None else {"seed": [0, 1], "preset": ["ours", "none"]},
+        "lengths": {"cpu": epochs, "paper": epochs + 1},
+    }
+    return exp if measure is None else {**exp, "measure": measure}
 
 
 def sorted_table(df):
@@ -49,38 +58,65 @@ def reference(tmp_path_factory):
 
 # ---------------------------------------------------------------- expansion
 def test_expand_counts_lengths_and_dedup():
-    exp = {"name": "g", "base": {"p": 7}, "grid": {"seed": [0, 1, 2], "preset": ["ours", "none"],
-                                                   "task": ["add", "mul"]}, "lengths": {"cpu": 5, "paper": 9}}
+    exp = {
+        "name": "g",
+        "base": {"p": 7},
+        "grid": {"seed": [0, 1, 2], "preset": ["ours", "none"], "task": ["add", "mul"]},
+        "lengths": {"cpu": 5, "paper": 9},
+    }
     cfgs = expand(exp)
     assert len(cfgs) == 12 and all(isinstance(c, TrainConfig) for c in cfgs)
     assert {c.epochs for c in cfgs} == {5} and {c.epochs for c in expand(exp, "paper")} == {9}
-    assert {(c.task, c.preset, c.seed) for c in cfgs} == {(t, pr, s) for t in ("add", "mul")
-                                                          for pr in ("ours", "none") for s in (0, 1, 2)}
+    assert {(c.task, c.preset, c.seed) for c in cfgs} == {
+        (t, pr, s) for t in ("add", "mul") for pr in ("ours", "none") for s in (0, 1, 2)
+    }
     # [[grid]] is a union; gamma 0.1 at wd 1, sigma 1e-2 *is* "ours" for add, so it runs once
-    union = {"name": "u", "base": {"p": 7, "task": "add", "epochs": 2},
-             "grid": [{"preset": ["none", "wd", "ours"]},
-                      {"preset": ["ours"], "wd": [1], "sigma": [1e-2], "gamma": [0, 0.1, 0.3]}]}
+    union = {
+        "name": "u",
+        "base": {"p": 7, "task": "add", "epochs": 2},
+        "grid": [
+            {"preset": ["none", "wd", "ours"]},
+            {"preset": ["ours"], "wd": [1], "sigma": [1e-2], "gamma": [0, 0.1, 0.3]},
+        ],
+    }
     cfgs = expand(union)
     assert len(cfgs) == 5
-    assert sorted((c.wd, c.gamma, c.sigma) for c in cfgs) == [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.0, 0.01),
-                                                              (1.0, 0.1, 0.01), (1.0, 0.3, 0.01)]
+    assert sorted((c.wd, c.gamma, c.sigma) for c in cfgs) == [
+        (0.0, 0.0, 0.0),
+        (1.0, 0.0, 0.0),
+        (1.0, 0.0, 0.01),
+        (1.0, 0.1, 0.01),
+        (1.0, 0.3, 0.01),
+    ]
     assert len(expand({"name": "one", "base": {"p": 7, "epochs": 2}})) == 1  # no grid: the base run
 
 
-@pytest.mark.parametrize("change,fragment", [
-    ({"grid": {"seeds": [0]}}, "unknown TrainConfig field 'seeds'"),
-    ({"base": {"p": 7, "colour": "red"}}, "unknown TrainConfig field 'colour'"),
-    ({"base": {"p": 2}}, "at least 3"),
-    ({"grid": {"preset": ["ours", "best"]}}, "unknown preset"),
-    ({"grid": {"seed": ["0"]}}, "seed must be an integer"),
-    ({"grid": {"seed": 0}}, "non-empty list"),
-    ({"grid": {"seed": []}}, "non-empty list"),
-    ({"base": {"p": 7, "eps": [1, -1]}}, "eps"),
-    ({"base": {"p": 7, "epochs": 3}}, "either in [lengths]"),
-    ({"lengths": {"cpu": 0}}, "positive number of epochs"),
-    ({"name": "../up"}, "folder name"),
-    ({"seeds": [1]}, "unknown top-level key"),
-])
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        ({"grid": {"seeds": [0]}}, "unknown TrainConfig field 'seeds'"),
+        ({"base": {"p": 7, "colour": "red"}}, "unknown TrainConfig field 'colour'"),
+        ({"base": {"p": 2}}, "at least 3"),
+        ({"grid": {"preset": ["ours", "best"]}}, "unknown preset"),
+        ({"grid": {"seed": ["0"]}}, "seed must be an integer"),
+        ({"grid": {"seed": 0}}, "non-empty list"),
+        ({"grid": {"seed": []}}, "non-empty list"),
+        ({"base": {"p": 7, "eps": [1.0]}}, "'eps'; it is a measure setting: put it in [measure]"),
+        ({"base": {"p": 7, "measure": True}}, "'measure'; it is a measure setting: put it in [measure]"),
+        ({"grid": {"eps": [[1.0]]}}, "put it in [measure]"),
+        ({"measure": {"eps": [1, -1]}}, "eps"),
+        ({"measure": {"eps": []}}, "eps"),
+        ({"measure": {"eps": 1}}, "eps must be a list of numbers"),
+        ({"measure": {"estimator": "magic"}}, "unknown estimator 'magic'"),
+        ({"measure": {"measures": ["colour"]}}, "unknown measure(s) colour"),
+        ({"measure": {"colour": 1}}, "unknown MeasureConfig field 'colour'"),
+        ({"measure": 3}, "measure must be true or a [measure] table"),
+        ({"base": {"p": 7, "epochs": 3}}, "either in [lengths]"),
+        ({"lengths": {"cpu": 0}}, "positive number of epochs"),
+        ({"name": "../up"}, "folder name"),
+        ({"seeds": [1]}, "unknown top-level key"),
+    ],
+)
 def test_expand_rejects_bad_experiments(change, fragment):
     with pytest.raises(ValueError) as err:
         expand({**tiny(), **change})
@@ -102,17 +138,23 @@ def test_experiment_files_expand():
         exp = load_experiment(f)
         assert exp.name == f.stem
         cpu, paper = expand(f), expand(f, "paper")
-        if f.stem in counts:
+        assert {c.epochs for c in paper} == {10_000} and all(c.p == 113 for c in cpu), f
+        assert exp.measure is not None and exp.measure.estimator == "mdlgrok", f  # every experiment measures
+        if f.stem in counts:  # the paper's five: 600 epochs on CPU, the paper's seven eps
             assert len(cpu) == counts[f.stem], f
-        assert {c.epochs for c in cpu} == {600} and {c.epochs for c in paper} == {10_000}
-        assert all(c.measure and c.p == 113 and c.eps == PAPER_EPS for c in cpu), f
+            assert {c.epochs for c in cpu} == {600}, f
+            assert exp.measure == MeasureConfig(eps=PAPER_EPS, estimator="mdlgrok", measures=("complexity",)), f
     # the runs other experiments link from rise_and_fall have its keys (the same resolved configs)
     keys = {name: {run_key(c) for c in expand(EXPERIMENTS / f"{name}.toml")} for name in counts}
     assert len(keys["regularizers"] & keys["rise_and_fall"]) == 6 and len(keys["gamma"] & keys["rise_and_fall"]) == 3
     assert len(keys["attention"] & keys["rise_and_fall"]) == 12 and len(keys["four_tasks"] & keys["rise_and_fall"]) == 6
     four = expand(EXPERIMENTS / "four_tasks.toml")
     assert {(c.task, c.layers, c.frac, c.sigma) for c in four} == {
-        ("add", 1, 0.2, 1e-2), ("sub", 2, 0.3, 1e-3), ("mul", 1, 0.2, 1e-2), ("div", 2, 0.3, 1e-3)}
+        ("add", 1, 0.2, 1e-2),
+        ("sub", 2, 0.3, 1e-3),
+        ("mul", 1, 0.2, 1e-2),
+        ("div", 2, 0.3, 1e-3),
+    }
 
 
 # ---------------------------------------------------------------- keys
@@ -121,9 +163,21 @@ def test_keys_are_stable_readable_and_distinct():
     key = run_key(cfg)
     assert key.startswith("add-ours-s0-") and len(key.rsplit("-", 1)[1]) == 12
     # the same resolved config however it was written: ints for floats, lists for tuples, a round trip
-    assert run_key(TrainConfig(task="add", p=7, preset="ours", seed=0, epochs=3, wd=1, gamma=0.1,
-                               eps=list(PAPER_EPS))) == key
+    assert (
+        run_key(TrainConfig(task="add", p=7, preset="ours", seed=0, epochs=3, wd=1, gamma=0.1, betas=[0.9, 0.98]))
+        == key
+    )
     assert run_key(TrainConfig.from_dict(cfg.to_dict())) == key
+    assert run_key(TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))) == key  # config.json
+    # what is measured never enters the key: with or without [measure], any eps or estimator
+    plain = [run_key(c) for c in expand(tiny())]
+    for measure in (True, {"eps": [1.0]}, {"eps": [0.5, 2], "estimator": "paper", "measures": ["complexity", "norms"]}):
+        assert [run_key(c) for c in expand(tiny(measure=measure))] == plain
+    with pytest.raises(TypeError):
+        TrainConfig(task="add", p=7, eps=list(PAPER_EPS))  # no longer a training field
+    # every field that changes the weights changes the key, the AdamW settings too
+    for change in ({"betas": (0.9, 0.99)}, {"adam_eps": 1e-6}, {"lr": 2e-3}, {"batch": 0}, {"noise": "uniform"}):
+        assert run_key(TrainConfig(task="add", p=7, preset="ours", seed=0, epochs=3, **change)) != key, change
     assert run_key(TrainConfig(task="add", p=7, preset="ours", seed=0, epochs=4)) != key
     assert run_key(TrainConfig(task="add", p=7, preset="ours", gamma=0.0, epochs=3)).startswith("add-ours-g0-s0-")
     assert run_key(TrainConfig(task="add", p=7, attention="softmax", epochs=3)).startswith("add-ours-softmax-s0-")
@@ -137,7 +191,7 @@ def test_keys_are_stable_readable_and_distinct():
 def test_sweep_runs_everything_and_gathers_config_columns(reference):
     root, table = reference
     folder = root / "tiny"
-    assert list(table.columns[:1 + len(CONFIG_COLUMNS)]) == ["run_id", *CONFIG_COLUMNS]
+    assert list(table.columns[: 1 + len(CONFIG_COLUMNS)]) == ["run_id", *CONFIG_COLUMNS]
     assert {"epoch", "step", "metric", "value", "eps", "codec"} <= set(table.columns)
     assert table.run_id.nunique() == 4 and set(table.epoch) == {1, 2, 3, 4}
     for run_id, rows in table.groupby("run_id"):
@@ -166,8 +220,10 @@ def test_runs_complete_in_another_experiment_are_linked_not_trained(reference, t
     root = tmp_path / "runs"
     shutil.copytree(ref_root / "tiny", root / "tiny", symlinks=True)
     other = tiny(name="other", grid={"seed": [0, 2], "preset": ["ours"]}, epochs=4)
-    text = ('name = "other"\n[base]\ntask = "add"\np = 7\npos_rows = 4\n[grid]\nseed = [0, 2]\npreset = ["ours"]\n'
-            '[lengths]\ncpu = 4\n')
+    text = (
+        'name = "other"\n[base]\ntask = "add"\np = 7\npos_rows = 4\n[grid]\nseed = [0, 2]\npreset = ["ours"]\n'
+        "[lengths]\ncpu = 4\n"
+    )
     assert main(["sweep", str(write_experiment(tmp_path / "other.toml", text)), "--root", str(root), "--dry-run"]) == 0
     shown = capsys.readouterr().out.splitlines()
     assert "link (tiny)" in shown[0] and " new " in shown[1]
@@ -179,8 +235,9 @@ def test_runs_complete_in_another_experiment_are_linked_not_trained(reference, t
     ref = expected[expected.run_id == linked[0].key]
     pd.testing.assert_frame_equal(sorted_table(mine), sorted_table(ref[mine.columns]))
     # --no-share trains it in this experiment's own folder instead
-    table = run_sweep(tiny(name="own", grid={"seed": [0], "preset": ["ours"]}, epochs=4), root, jobs=1,
-                      progress=False, share=False)
+    table = run_sweep(
+        tiny(name="own", grid={"seed": [0], "preset": ["ours"]}, epochs=4), root, jobs=1, progress=False, share=False
+    )
     assert outcome_states(table) == ["complete"] and not any(p.is_symlink() for p in (root / "own").iterdir())
 
 
@@ -190,7 +247,7 @@ def test_interrupted_sweep_finishes_only_missing_runs_and_equals_uninterrupted(r
     sub = tiny(epochs=4, grid={"seed": [0], "preset": ["ours", "none"]})
     assert outcome_states(run_sweep(sub, tmp_path, progress=False)) == ["complete"] * 2
     # 2. the full grid, killed while writing the 3rd checkpoint of its first new run
-    real, saves = train_mod.save_checkpoint, []
+    real, saves = loop_mod.save_checkpoint, []
 
     def dying_save(path, obj):
         saves.append(path)
@@ -198,10 +255,10 @@ def test_interrupted_sweep_finishes_only_missing_runs_and_equals_uninterrupted(r
             raise KeyboardInterrupt
         real(path, obj)
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", dying_save)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(tiny(epochs=4), tmp_path, progress=False)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real)
     states = sorted(r.state for r in sweep.plan(tiny(epochs=4), tmp_path))
     assert states == ["complete", "complete", "new", "partial"]
     # 3. started again: only the missing runs run, the partial one from its checkpoint at epoch 2
@@ -232,8 +289,9 @@ def test_two_processes_equal_one_and_a_failed_run_does_not_stop_the_others(refer
 
 
 def test_threads_per_worker_fill_the_cores_once(monkeypatch):
-    monkeypatch.setattr(sweep, "available_cores", lambda: 16)
-    assert [sweep.threads_per_worker(j) for j in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+    monkeypatch.setattr(measure_mod, "available_cores", lambda: 16)
+    assert [measure_mod.threads_per_worker(j) for j in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+    assert executors.threads_per_worker is measure_mod.threads_per_worker  # one count for sweeps and measuring
 
 
 def test_gather_adds_the_fields_that_vary(tmp_path):
@@ -243,13 +301,49 @@ def test_gather_adds_the_fields_that_vary(tmp_path):
     assert "noise" not in table.columns  # the same for every run
 
 
-def test_measured_sweep_gathers_complexity_rows(tmp_path):
-    exp = tiny(epochs=1, grid={"seed": [0]}, measure=True, eps=[1])
-    table = run_sweep(exp, tmp_path, progress=False)
+def test_measured_sweep_gathers_complexity_rows(tmp_path, capsys):
+    from mdlgrok.complexity import VERSION
+    from mdlgrok.measures.complexity import options_of
+
+    exp = tiny(epochs=1, grid={"seed": [0]}, measure={"eps": [1]}, pos_rows=None)  # every field in the table
+    table = run_sweep(exp, tmp_path)
+    (outcome,) = table.attrs["outcomes"]
+    assert outcome["state"] == "complete" and outcome["measured"] == 1  # trained, then measured in the same task
+    assert "complete at epoch 1, measured 1 checkpoints" in capsys.readouterr().err
     bits = table[table.metric == "complexity_bits"]
     assert len(bits) == 1 and set(bits.eps) == {1.0} and (bits.value > 0).all()
     assert set(bits.estimator) == {"mdlgrok"} and (bits.codec != "").all()
-    assert (tmp_path / "tiny" / table.run_id.iloc[0] / "payloads").is_dir()
+    assert set(bits.estimator_version) == {VERSION} and set(bits.options) == {options_of(MeasureConfig(eps=[1]))}
+    training = table[table.estimator == ""]
+    assert training.eps.isna().all() and (training.codec == "").all() and (training.estimator_version == "").all()
+    run = RunDir(tmp_path / "tiny" / table.run_id.iloc[0])
+    assert run.payloads.is_dir() and not missing_checkpoints(run, MeasureConfig(eps=[1]))
+    assert "eps" not in json.loads(run.config.read_text())
+    # the measured table is the unmeasured one plus the measure rows
+    plain = run_sweep(tiny(epochs=1, grid={"seed": [0]}, pos_rows=None), tmp_path / "plain", progress=False)
+    pd.testing.assert_frame_equal(sorted_table(training), sorted_table(plain), check_exact=True)
+    # an older table (no estimator_version or options, other run keys) converted: this one again
+    old_id = run.run_id.rsplit("-", 1)[0] + "-0123456789ab"
+    old = table.drop(columns=["estimator_version", "options"]).assign(run_id=old_id)
+    converted = convert_table(old, versions={old_id: VERSION}, options={old_id: options_of(MeasureConfig(eps=[1]))})
+    pd.testing.assert_frame_equal(converted, table)
+    assert convert_table(table) is table  # the current layout is left alone
+    unknown = convert_table(old)
+    assert set(unknown[unknown.estimator != ""].estimator_version) == {"unknown"}
+    assert set(unknown[unknown.estimator == ""].estimator_version) == {""}
+
+
+def test_converting_an_older_table_never_gives_a_run_another_configs_key(reference):
+    """convert_table rebuilds each run's config from the table's columns: a field that is not a
+    column (pos_rows = 4 here, the same for every run) must not silently yield another config's key."""
+    _, table = reference
+    old = table.drop(columns=["estimator_version", "options"])
+    old = old.assign(run_id=old.run_id.map(lambda r: r.rsplit("-", 1)[0] + "-0123456789ab"))  # older keys
+    try:
+        converted = convert_table(old)
+    except ValueError:
+        return  # refusing is fine; a wrong key is not
+    assert sorted(converted.run_id.unique()) == sorted(table.run_id.unique())
 
 
 def assert_close_tables(got, want):
@@ -274,28 +368,33 @@ def test_stacked_sweep_equals_separate_runs_and_is_skipped_when_done(reference, 
 def test_stack_groups_share_fields_and_resume_epoch(tmp_path):
     exp = tiny(epochs=2, grid={"seed": [0, 1, 2], "frac": [0.5, 0.6]})
     runs = sweep.plan(exp, tmp_path)
-    assert sorted(len(g) for g in sweep.stack_groups(runs, 64)) == [3, 3]  # frac changes the split sizes
-    assert sorted(len(g) for g in sweep.stack_groups(runs, 2)) == [1, 1, 2, 2]
-    train_mod.train(runs[0].cfg, str(runs[0].path), progress=False)  # one run ahead of its group
-    groups = sweep.stack_groups(runs, 64)
+    assert sorted(len(g) for g in stack_groups(runs, 64)) == [3, 3]  # frac changes the split sizes
+    assert sorted(len(g) for g in stack_groups(runs, 2)) == [1, 1, 2, 2]
+    train(runs[0].cfg, str(runs[0].path), progress=False)  # one run ahead of its group
+    groups = stack_groups(runs, 64)
     assert sorted(len(g) for g in groups) == [1, 2, 3] and [runs[0]] in groups
     with pytest.raises(ValueError, match="at least 1"):
-        sweep.stack_groups(runs, 0)
+        stack_groups(runs, 0)
 
 
 def test_measured_stacked_sweep_measures_as_its_own_stage(tmp_path):
-    exp = tiny(epochs=1, grid={"seed": [0, 1]}, measure=True, eps=[1])
+    exp = tiny(epochs=1, grid={"seed": [0, 1]}, measure={"eps": [1]})
     table = run_sweep(exp, tmp_path, stack="on", device="cpu", progress=False)
     bits = table[table.metric == "complexity_bits"]
     assert outcome_states(table) == ["complete", "complete"]
     assert bits.groupby("run_id").size().tolist() == [1, 1] and (bits.value > 0).all()
+    for run_id in table.run_id.unique():
+        assert not missing_checkpoints(RunDir(tmp_path / "tiny" / run_id), MeasureConfig(eps=[1]))
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--stack", "off", "--device", "cuda"], "GPU"),
-    (["--device", "tpu"], "unknown device"),
-    (["--stack", "on", "--stack-size", "0"], "at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--stack", "off", "--device", "cuda"], "GPU"),
+        (["--device", "tpu"], "unknown device"),
+        (["--stack", "on", "--stack-size", "0"], "at least 1"),
+    ],
+)
 def test_bad_stack_options_are_one_line_status_2(tmp_path, capsys, monkeypatch, args, fragment):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     f = write_experiment(tmp_path / "cli.toml", TINY_TOML)
@@ -348,15 +447,18 @@ def test_cli_sweep_failed_run_exits_1(tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text,args,fragment", [
-    (None, [], "does not exist"),
-    ("name = 'x'\n[base\np = 7", [], "not valid TOML"),
-    (TINY_TOML.replace("pos_rows = 4", "pos_row = 4"), [], "unknown TrainConfig field 'pos_row'"),
-    (TINY_TOML.replace("p = 7", "p = 2"), [], "at least 3"),
-    (TINY_TOML.replace("seed = [0, 1]", "seed = 0"), [], "non-empty list"),
-    (TINY_TOML, ["--length", "huge"], "unknown length"),
-    (TINY_TOML, ["--jobs", "0"], "--jobs"),
-])
+@pytest.mark.parametrize(
+    "text,args,fragment",
+    [
+        (None, [], "does not exist"),
+        ("name = 'x'\n[base\np = 7", [], "not valid TOML"),
+        (TINY_TOML.replace("pos_rows = 4", "pos_row = 4"), [], "unknown TrainConfig field 'pos_row'"),
+        (TINY_TOML.replace("p = 7", "p = 2"), [], "at least 3"),
+        (TINY_TOML.replace("seed = [0, 1]", "seed = 0"), [], "non-empty list"),
+        (TINY_TOML, ["--length", "huge"], "unknown length"),
+        (TINY_TOML, ["--jobs", "0"], "--jobs"),
+    ],
+)
 def test_cli_sweep_bad_input_is_one_line_status_2(tmp_path, capsys, text, args, fragment):
     f = tmp_path / "exp.toml"
     if text is not None:
@@ -385,42 +487,44 @@ def test_submitit_local_executor_gives_the_local_table(tmp_path):
     assert (folder / ".submitit").is_dir()  # submitit's pickles and logs, which gather ignores
     pd.testing.assert_frame_equal(gather(folder), table)
     # started again, nothing is submitted
-    assert outcome_states(run_sweep(exp, tmp_path / "submitit", executor="submitit-local", progress=False)) == \
-        ["skipped"] * 6
+    assert (
+        outcome_states(run_sweep(exp, tmp_path / "submitit", executor="submitit-local", progress=False))
+        == ["skipped"] * 6
+    )
 
 
 def test_submitit_jobs_are_requeued_with_the_same_call():
     """On a Slurm timeout or preemption submitit resubmits checkpoint()'s call: the same run, which resumes."""
     pytest.importorskip("submitit")
-    task = sweep.Resumable(sweep.run_one)
+    task = executors.Resumable(stages.train_one)
     again = task.checkpoint({"p": 7}, "runs/x/key", 1)
     assert again.function is task and again.args == ({"p": 7}, "runs/x/key", 1)
 
 
-MEASURE_TOML = TINY_TOML.replace('name = "cli"', 'name = "stage"').replace("seed = [0, 1]", "seed = [0]") \
-    .replace("pos_rows = 4", "pos_rows = 4\neps = [1.0]")
+STAGE_TOML = TINY_TOML.replace('name = "cli"', 'name = "stage"').replace("seed = [0, 1]", "seed = [0]")
 
 
-def test_measure_only_stage_equals_train_measure(tmp_path, capsys, monkeypatch):
+def test_measure_only_stage_equals_measuring_in_the_sweep(tmp_path, capsys, monkeypatch):
     from mdlgrok.complexity.payload import decode
-    from mdlgrok.measure import model_from_checkpoint
+    from mdlgrok.runs import model_from_checkpoint
 
-    f = write_experiment(tmp_path / "stage.toml", MEASURE_TOML)
+    f = write_experiment(tmp_path / "stage.toml", STAGE_TOML)  # no [measure]: trained, not measured
     root = tmp_path / "runs"
-    assert main(["sweep", str(f), "--root", str(root), "--quiet"]) == 0  # trained, not measured
+    cfg = MeasureConfig(eps=[1.0])
+    assert main(["sweep", str(f), "--root", str(root), "--quiet"]) == 0
     run = sweep.plan(load_experiment(f), root)[0]
-    assert not sweep.measured(run)
-    assert main(["sweep", str(f), "--root", str(root), "--measure-only"]) == 0
+    assert len(missing_checkpoints(RunDir(run.path), cfg)) == 2 and not RunDir(run.path).measures.exists()
+    assert main(["sweep", str(f), "--root", str(root), "--measure-only", "--eps", "1.0"]) == 0
     assert "measured 2 checkpoints" in capsys.readouterr().err
-    assert sweep.measured(run)
+    assert missing_checkpoints(RunDir(run.path), cfg) == []
     table = pd.read_parquet(root / "stage" / "table.parquet")
-    # the same run measured while training (train --measure): the same rows, but for timing
-    trained = run_sweep(tiny(name="stage", epochs=2, grid={"seed": [0]}, measure=True, eps=[1.0]),
-                        tmp_path / "measured", progress=False)
+    # the same run measured by the sweep itself ([measure] in the experiment): the same rows, but for timing
+    measured = tiny(name="stage", epochs=2, grid={"seed": [0]}, measure={"eps": [1.0]})
+    trained = run_sweep(measured, tmp_path / "measured", progress=False)
+    assert [r.key for r in sweep.plan(measured, tmp_path / "measured")] == [run.key]  # [measure] is not in the key
 
     def complexity(df):  # the estimator's rows (training rows have no estimator), but for its timing
-        df = df[(df.estimator != "") & (df.metric != "estimator_seconds")]
-        return sorted_table(df.assign(run_id="run")).drop(columns="measure", errors="ignore")
+        return sorted_table(df[(df.estimator != "") & (df.metric != "estimator_seconds")])
 
     got, want = complexity(table), complexity(trained)
     assert set(got.metric) >= {"complexity_bits", "naive_bits", "codec_bits", "description_bits"}
@@ -434,29 +538,48 @@ def test_measure_only_stage_equals_train_measure(tmp_path, capsys, monkeypatch):
     for r in info:
         state = decode((payloads / r["file"]).read_bytes())
         assert set(state) <= set(model.state_dict()) and all(
-            state[k].shape == model.state_dict()[k].shape for k in state)
+            state[k].shape == model.state_dict()[k].shape for k in state
+        )
         assert r["bits"] == bits[(bits.epoch == 2) & (bits.eps == r["eps"])].value.item()
-    # measured already: a second stage does nothing; --remeasure measures every complete run again
-    # (measure_run replaces the rows of its estimator, so rows are never duplicated)
+    # measured already: a second stage does nothing; --again measures every complete run again
+    # (measure_run replaces rows of the same key, so rows are never duplicated)
     n = len(table)
-    assert main(["sweep", str(f), "--root", str(root), "--measure-only", "--quiet"]) == 0
-    assert len(pd.read_parquet(root / "stage" / "table.parquet")) == n
+    before = snapshot(run.path)
+    assert main(["sweep", str(f), "--root", str(root), "--measure-only", "--quiet", "--eps", "1.0"]) == 0
+    assert len(pd.read_parquet(root / "stage" / "table.parquet")) == n and snapshot(run.path) == before
+    assert main(["sweep", str(f), "--root", str(root), "--measure-only", "--again", "--eps", "1.0"]) == 0
+    assert "measured 2 checkpoints" in capsys.readouterr().err
+    again_table = pd.read_parquet(root / "stage" / "table.parquet")
+    assert len(again_table) == n
+    pd.testing.assert_frame_equal(complexity(again_table), got)
     calls = []
-    monkeypatch.setattr(sweep, "measure_one", lambda path, eps, mode, threads: calls.append((path, eps, mode)) or
-                        {"key": Path(path).name, "path": path, "state": "measured", "checkpoints": 2, "seconds": 0.0})
-    again = sweep.measure_sweep(f, root, remeasure=True, progress=False)
-    assert calls == [(str(run.path), (1.0,), "mdlgrok")] and outcome_states(again) == ["measured"]
+    monkeypatch.setattr(
+        stages,
+        "measure_one",
+        lambda path, measure, again, threads: (
+            calls.append((path, measure, again))
+            or {"key": Path(path).name, "path": path, "state": "measured", "checkpoints": 2, "seconds": 0.0}
+        ),
+    )
+    again = sweep.measure_sweep(f, root, again=True, measure=cfg, progress=False)
+    assert calls == [(str(run.path), cfg.to_dict(), True)] and outcome_states(again) == ["measured"]
     assert len(again) == n
+    # without a measure config, the experiment's [measure] (here none: the defaults, the paper's eps)
+    calls.clear()
+    sweep.measure_sweep(f, root, progress=False)
+    assert calls == [(str(run.path), MeasureConfig().to_dict(), False)]
 
 
 def test_measure_only_leaves_runs_that_are_not_complete(tmp_path):
-    exp = tiny(name="part", epochs=2, grid={"seed": [0]}, eps=[1.0])
+    exp = tiny(name="part", epochs=2, grid={"seed": [0]}, measure={"eps": [1.0]})
     table = sweep.measure_sweep(exp, tmp_path, progress=False)  # nothing trained yet
     assert outcome_states(table) == ["skipped"] and table.attrs["outcomes"][0]["was"] == "new" and len(table) == 0
 
 
-@pytest.mark.parametrize("args", [["--executor", "submitit-local"], ["--executor", "slurm"],
-                                  ["--executor", "submitit-local", "--measure-only"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--executor", "submitit-local"], ["--executor", "slurm"], ["--executor", "submitit-local", "--measure-only"]],
+)
 def test_missing_submitit_is_one_line_status_2(tmp_path, capsys, monkeypatch, args):
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit raises ImportError
     f = write_experiment(tmp_path / "cli.toml", TINY_TOML)
@@ -466,17 +589,24 @@ def test_missing_submitit_is_one_line_status_2(tmp_path, capsys, monkeypatch, ar
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "need submitit" in lines[0] and "pip install" in lines[0], captured.err
     assert not root.exists()
-    with pytest.raises(sweep.ExecutorUnavailable, match="pip install"):
+    with pytest.raises(executors.ExecutorUnavailable, match="pip install"):
         run_sweep(tiny(), root, executor="submitit-local", progress=False)
 
 
 def test_slurm_without_slurm_and_bad_slurm_options_are_status_2(tmp_path, capsys, monkeypatch):
     pytest.importorskip("submitit")
-    monkeypatch.setattr(sweep.shutil, "which", lambda name: None)
+    monkeypatch.setattr(executors.shutil, "which", lambda name: None)
     f = write_experiment(tmp_path / "cli.toml", TINY_TOML)
     assert main(["sweep", str(f), "--root", str(tmp_path / "runs"), "--executor", "slurm"]) == 2
     assert "no Slurm here" in capsys.readouterr().err
     assert main(["sweep", str(f), "--root", str(tmp_path / "runs"), "--slurm-time", "0"]) == 2
     assert "--slurm-time" in capsys.readouterr().err
-    assert main(["sweep", str(f), "--root", str(tmp_path / "runs"), "--remeasure"]) == 2
+    for args in (["--again"], ["--eps", "1"], ["--estimator", "paper"]):  # measure options go with --measure-only
+        assert main(["sweep", str(f), "--root", str(tmp_path / "runs"), *args]) == 2
+        assert "--measure-only" in capsys.readouterr().err
+    assert main(["sweep", str(f), "--root", str(tmp_path / "runs"), "--measure-only", "--eps", "0"]) == 2
+    assert "eps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # the old flag, now --again
+        main(["sweep", str(f), "--root", str(tmp_path / "runs"), "--measure-only", "--remeasure"])
+    assert exc.value.code == 2 and "--remeasure" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()

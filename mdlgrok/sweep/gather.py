@@ -6,6 +6,7 @@ has no eps, codec or estimator), with the run's config columns beside run_id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -33,9 +34,9 @@ CONFIG_TYPES = {
 
 
 def gather(folder: str | Path, keys: list[str] | None = None) -> pd.DataFrame:
-    """All runs of an experiment folder (or those named by keys) as one tidy table, written to
-    <folder>/table.parquet: metrics and measures rows, config columns (CONFIG_COLUMNS, plus
-    EXTRA_COLUMNS that vary) beside run_id."""
+    """All complete or failed runs of an experiment folder (or those named by keys) as one tidy
+    table, written to <folder>/table.parquet: metrics and measures rows, config columns
+    (CONFIG_COLUMNS, plus EXTRA_COLUMNS that vary) beside run_id. Runs still training are left out."""
     folder = Path(folder)
     if keys is None:
         if not folder.is_dir():
@@ -44,6 +45,7 @@ def gather(folder: str | Path, keys: list[str] | None = None) -> pd.DataFrame:
     else:
         candidates = [folder / k for k in sorted(set(keys))]
     runs = [RunDir(d) for d in candidates if (d / METRICS_FILE).is_file() and (d / "config.json").is_file()]
+    runs = [r for r in runs if r.read_status().get("state") != "running"]  # no half-trained run in a table
     if not runs and keys is None:
         raise FileNotFoundError(f"{folder} holds no run with a {METRICS_FILE}")
     if not runs:  # every run failed before its first checkpoint
@@ -91,12 +93,55 @@ def convert_table(
     )
     runs = table.drop_duplicates("run_id")
     fields = [c for c in table.columns if c in TrainConfig.__dataclass_fields__]
-    keys = {r["run_id"]: run_key(TrainConfig(**{c: _plain(r[c]) for c in fields})) for r in runs.to_dict("records")}
-    for old, new in keys.items():  # the readable part names the same config
-        if old.rsplit("-", 1)[0] != new.rsplit("-", 1)[0]:
-            raise ValueError(f"run {old}: its config columns give the key {new}; not the same run")
+    eps = tuple(sorted(set(table.eps.dropna()), reverse=True))
+    keys = {}
+    for r in runs.to_dict("records"):
+        cfg = TrainConfig(**{c: _plain(r[c]) for c in fields})  # fields without a column take their defaults
+        if not _older_key_matches(r["run_id"], cfg, eps):
+            raise ValueError(
+                f"run {r['run_id']}: the table's config columns do not give back the config its key "
+                "hashes; convert the run folders (mdlgrok convert) and gather them again"
+            )
+        keys[r["run_id"]] = run_key(cfg)
     cols = [c for c in table.columns if c not in MEASURE_COLUMNS[1:]] + MEASURE_COLUMNS[1:]
     return table.assign(run_id=table.run_id.map(keys))[cols]
+
+
+OLDER_FIELDS = [
+    "task",
+    "p",
+    "frac",
+    "model",
+    "layers",
+    "attention",
+    "pos_rows",
+    "preset",
+    "wd",
+    "gamma",
+    "sigma",
+    "noise",
+    "lr",
+    "betas",
+    "adam_eps",
+    "batch",
+    "epochs",
+    "seed",
+]
+
+
+def _older_key_matches(old_key: str, cfg, eps: tuple) -> bool:
+    """Whether the older key's hash (of the TrainConfig fields of its time plus `measure` and `eps`)
+    is that of cfg, for one of the measure settings a table can have had: the check that every
+    field, also those without a column, was recovered."""
+    from mdlgrok.config import PAPER_EPS, canonical
+
+    d = {k: v for k, v in canonical(cfg).items() if k in OLDER_FIELDS}
+    for measure in (True, False):
+        for e in {tuple(PAPER_EPS), eps}:
+            text = json.dumps({**d, "measure": measure, "eps": list(e)}, sort_keys=True, separators=(",", ":"))
+            if old_key.endswith("-" + hashlib.sha256(text.encode()).hexdigest()[:12]):
+                return True
+    return False
 
 
 def _plain(v):
