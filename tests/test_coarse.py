@@ -7,8 +7,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from mdlgrok.complexity.coarse import (Target, bin_index, dense_entry, factors, gptq_codes, lowrank_entry, paper_rank,
-                                       quantize, rank_for_tau, raw_entry, targets_of)
+from mdlgrok.complexity.coarse import (
+    Target,
+    bin_index,
+    dense_entry,
+    factors,
+    gptq_codes,
+    lowrank_entry,
+    paper_rank,
+    quantize,
+    rank_for_tau,
+    raw_entry,
+    targets_of,
+)
 from mdlgrok.complexity.payload import bin_width, entry_tensor, matrix_shape
 
 FAST = settings(max_examples=80, deadline=None)
@@ -146,7 +157,6 @@ def test_targets_alias_tied_tensors_and_keep_non_floats_raw():
     assert raw_entry(ts[1]).kind == "raw"
 
 
-
 # ---------------------------------------------------------------- data-aware rounding (GPTQ) and factors
 def correlated_moment(n, seed=0):
     rng = np.random.default_rng(seed)
@@ -172,9 +182,11 @@ def test_gptq_error_in_the_h_norm_is_below_plain_rounding(seed, j):
     h = correlated_moment(12, seed)
     w = np.random.default_rng(seed + 1).normal(size=(8, 12))
     (codes,) = gptq_codes(w, [j], upper_cholesky_of_inverse(h))
+
     def h_err(c):
         d = c * bin_width(j) - w
         return float(((d @ h) * d).sum())
+
     assert h_err(codes) <= h_err(quantize(w, j)) * 1.000001 + 1e-12
 
 
@@ -212,8 +224,9 @@ def test_entries_of_a_data_aware_target_decode_to_its_codes():
     t = targets_of({"w": torch.randn(8, 10)}, moments={"w": h})[0]
     dense = dense_entry(t, -12)
     assert np.array_equal(dense.codes[0], gptq_codes(t.w.reshape(8, 10), [-12], t.whitened()[4])[0].ravel())
-    np.testing.assert_allclose(entry_tensor(dense).double().numpy(), dense.codes[0].reshape(8, 10) * bin_width(-12),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        entry_tensor(dense).double().numpy(), dense.codes[0].reshape(8, 10) * bin_width(-12), rtol=1e-6
+    )
     low = lowrank_entry(t, 3, -12)
     a, b = factors(t, 3)
     assert np.array_equal(low.codes[0], quantize(a, -12).ravel())

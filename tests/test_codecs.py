@@ -5,9 +5,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mdlgrok.complexity.codecs import (BYTE_CODECS, CODEC_IDS, CODEC_NAMES, ENTROPY_CODEC, PROB_FLOOR_BITS, Reader,
-                                       ans_decode, ans_encode, choose_model, codec_versions, empirical_bits,
-                                       unzigzag, varint, zigzag)
+from mdlgrok.complexity.codecs import (
+    BYTE_CODECS,
+    CODEC_IDS,
+    CODEC_NAMES,
+    ENTROPY_CODEC,
+    PROB_FLOOR_BITS,
+    Reader,
+    ans_decode,
+    ans_encode,
+    choose_model,
+    codec_versions,
+    empirical_bits,
+    unzigzag,
+    varint,
+    zigzag,
+)
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -24,7 +37,7 @@ def test_varint_round_trip(n):
 
 
 @FAST
-@given(st.integers(min_value=-2**62, max_value=2**62))
+@given(st.integers(min_value=-(2**62), max_value=2**62))
 def test_zigzag_round_trip(n):
     z = zigzag(n)
     assert z >= 0
@@ -108,7 +121,7 @@ def test_ans_round_trip_at_the_widest_support():
     np.testing.assert_array_equal(ans_decode(ans_encode([a], [model]), [a.size], [model])[0], a)
 
 
-@pytest.mark.parametrize("codes", [np.array([-2**23, 2**23]), np.array([0, 2**40]), np.array([2**31, 2**31 + 3])])
+@pytest.mark.parametrize("codes", [np.array([-(2**23), 2**23]), np.array([0, 2**40]), np.array([2**31, 2**31 + 3])])
 def test_choose_model_refuses_ranges_the_coder_cannot_represent(codes):
     with pytest.raises(ValueError, match="too wide for the entropy coder"):
         choose_model(codes)

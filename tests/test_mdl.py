@@ -8,9 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mdlgrok.mdl import (BOUNDS, CATONI_GRID, binary_kl, catoni_bound, data_bits, description_bits,
-                         kl_bound, kl_rhs, nonvacuous_bits, occam_bound, prefix_free_bits,
-                         truth_table_bits)
+from mdlgrok.mdl import (
+    BOUNDS,
+    CATONI_GRID,
+    binary_kl,
+    catoni_bound,
+    data_bits,
+    description_bits,
+    kl_bound,
+    kl_rhs,
+    nonvacuous_bits,
+    occam_bound,
+    prefix_free_bits,
+    truth_table_bits,
+)
 
 LN2 = math.log(2)
 FAST = settings(max_examples=60, deadline=None)
@@ -20,6 +31,7 @@ ns = st.integers(1, 100_000)
 
 
 # --- description lengths ---------------------------------------------------------------------
+
 
 def test_data_bits_by_hand():
     assert data_bits(LN2, 10) == pytest.approx(10.0)  # 10 labels at 1 bit each
@@ -44,6 +56,7 @@ def test_prefix_free_bits_by_hand():
 
 
 # --- bounds by hand --------------------------------------------------------------------------
+
 
 def test_occam_by_hand():
     # K = 1000 bits, n = 2500, delta = 0.05: sqrt((1000 ln2 + ln 20) / 5000) = sqrt(696.143 / 5000)
@@ -109,6 +122,7 @@ def test_train_err_one_is_vacuous():
 
 # --- properties ------------------------------------------------------------------------------
 
+
 @FAST
 @given(q=errs, k=ks, n=ns)
 def test_kl_bound_solves_kl_equation(q, k, n):
@@ -142,8 +156,9 @@ def test_catoni_in_range_and_monotone_in_k(q, k, dk, n):
 
 
 @FAST
-@given(q=st.floats(0.0, 0.3), n=st.integers(100, 100_000), bound=st.sampled_from(BOUNDS),
-       threshold=st.floats(0.5, 0.99))
+@given(
+    q=st.floats(0.0, 0.3), n=st.integers(100, 100_000), bound=st.sampled_from(BOUNDS), threshold=st.floats(0.5, 0.99)
+)
 def test_nonvacuous_bits_is_the_crossing(q, n, bound, threshold):
     f = {"occam": occam_bound, "kl": kl_bound, "catoni": catoni_bound}[bound]
     k = nonvacuous_bits(q, n, threshold=threshold, bound=bound)
@@ -165,19 +180,38 @@ def test_nonvacuous_bits_occam_by_hand():
 
 # --- validation ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("f", [occam_bound, kl_bound, catoni_bound])
-@pytest.mark.parametrize("args", [(-0.1, 10, 100, 0.05), (1.1, 10, 100, 0.05), (math.nan, 10, 100, 0.05),
-                                  (0.0, -1, 100, 0.05), (0.0, math.inf, 100, 0.05), (0.0, 10, 0, 0.05),
-                                  (0.0, 10, 100, 0.0), (0.0, 10, 100, 1.0)])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (-0.1, 10, 100, 0.05),
+        (1.1, 10, 100, 0.05),
+        (math.nan, 10, 100, 0.05),
+        (0.0, -1, 100, 0.05),
+        (0.0, math.inf, 100, 0.05),
+        (0.0, 10, 0, 0.05),
+        (0.0, 10, 100, 0.0),
+        (0.0, 10, 100, 1.0),
+    ],
+)
 def test_bounds_reject_bad_inputs(f, args):
     with pytest.raises(ValueError):
         f(*args)
 
 
 def test_other_functions_reject_bad_inputs():
-    for call in (lambda: data_bits(-1.0, 10), lambda: data_bits(1.0, 0), lambda: description_bits(-1, 0.1, 10),
-                 lambda: truth_table_bits(1), lambda: truth_table_bits(11.5), lambda: prefix_free_bits(0.5),
-                 lambda: nonvacuous_bits(0.0, 100, bound="pac"), lambda: nonvacuous_bits(0.0, 100, threshold=1.5),
-                 lambda: nonvacuous_bits(0.0, 0), lambda: catoni_bound(0.0, 10, 100, grid=[0.0])):
+    for call in (
+        lambda: data_bits(-1.0, 10),
+        lambda: data_bits(1.0, 0),
+        lambda: description_bits(-1, 0.1, 10),
+        lambda: truth_table_bits(1),
+        lambda: truth_table_bits(11.5),
+        lambda: prefix_free_bits(0.5),
+        lambda: nonvacuous_bits(0.0, 100, bound="pac"),
+        lambda: nonvacuous_bits(0.0, 100, threshold=1.5),
+        lambda: nonvacuous_bits(0.0, 0),
+        lambda: catoni_bound(0.0, 10, 100, grid=[0.0]),
+    ):
         with pytest.raises(ValueError):
             call()

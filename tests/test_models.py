@@ -55,12 +55,15 @@ def test_transformer_output_shape(layers, attention):
     assert model(tokens(11, batch=5)).shape == (5, 13)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(model="cnn"), "unknown model"),
-    (dict(attention="linear"), "unknown attention"),
-    (dict(layers=0), "layers"),
-    (dict(d_model=130, heads=4), "divisible"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(model="cnn"), "unknown model"),
+        (dict(attention="linear"), "unknown attention"),
+        (dict(layers=0), "layers"),
+        (dict(d_model=130, heads=4), "divisible"),
+    ],
+)
 def test_model_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(**kwargs)

@@ -13,8 +13,17 @@ from hypothesis import strategies as st
 
 from mdlgrok.complexity import decode
 from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, raw_entry, targets_of, zero_entry
-from mdlgrok.complexity.payload import (CODEC_IDS, MAGIC, bin_width, decode_entries, encode, encode_all, fourier_basis,
-                                        matrix_shape, state_dict_of)
+from mdlgrok.complexity.payload import (
+    CODEC_IDS,
+    MAGIC,
+    bin_width,
+    decode_entries,
+    encode,
+    encode_all,
+    fourier_basis,
+    matrix_shape,
+    state_dict_of,
+)
 
 CODECS = sorted(CODEC_IDS)
 
@@ -22,26 +31,28 @@ CODECS = sorted(CODEC_IDS)
 def sample_state() -> "OrderedDict[str, torch.Tensor]":
     g = torch.Generator().manual_seed(0)
     shared = torch.randn(12, 10, generator=g)
-    return OrderedDict([
-        ("dense32", torch.randn(5, 3, generator=g)),
-        ("dense16", torch.randn(7, generator=g).half()),
-        ("dense_bf16", torch.randn(4, 4, generator=g).bfloat16()),
-        ("dense64", torch.randn(3, 2, generator=g).double()),
-        ("scalar", torch.tensor(0.7)),
-        ("lowrank", shared),
-        ("conv", torch.randn(4, 2, 3, 3, generator=g)),  # lowrank on its 4 x 18 view
-        ("zeros", torch.randn(6, generator=g)),
-        ("int64", torch.arange(-5, 5)),
-        ("int32", torch.tensor([2**31 - 1, -2**31], dtype=torch.int32)),
-        ("int16", torch.tensor([-300, 7], dtype=torch.int16)),
-        ("int8", torch.tensor([-128, 127], dtype=torch.int8)),
-        ("uint8", torch.tensor([0, 255, 3], dtype=torch.uint8)),
-        ("flags", torch.tensor([True, False, True])),
-        ("raw_bf16", torch.randn(3, generator=g).bfloat16()),
-        ("raw_f32", torch.randn(2, 2, generator=g)),
-        ("empty", torch.zeros(0, 3)),
-        ("tied", shared),  # the same tensor as "lowrank": an alias
-    ])
+    return OrderedDict(
+        [
+            ("dense32", torch.randn(5, 3, generator=g)),
+            ("dense16", torch.randn(7, generator=g).half()),
+            ("dense_bf16", torch.randn(4, 4, generator=g).bfloat16()),
+            ("dense64", torch.randn(3, 2, generator=g).double()),
+            ("scalar", torch.tensor(0.7)),
+            ("lowrank", shared),
+            ("conv", torch.randn(4, 2, 3, 3, generator=g)),  # lowrank on its 4 x 18 view
+            ("zeros", torch.randn(6, generator=g)),
+            ("int64", torch.arange(-5, 5)),
+            ("int32", torch.tensor([2**31 - 1, -(2**31)], dtype=torch.int32)),
+            ("int16", torch.tensor([-300, 7], dtype=torch.int16)),
+            ("int8", torch.tensor([-128, 127], dtype=torch.int8)),
+            ("uint8", torch.tensor([0, 255, 3], dtype=torch.uint8)),
+            ("flags", torch.tensor([True, False, True])),
+            ("raw_bf16", torch.randn(3, generator=g).bfloat16()),
+            ("raw_f32", torch.randn(2, 2, generator=g)),
+            ("empty", torch.zeros(0, 3)),
+            ("tied", shared),  # the same tensor as "lowrank": an alias
+        ]
+    )
 
 
 def sample_entries():
@@ -86,8 +97,9 @@ def test_round_trip_every_kind(codec):
     assert payload[0] == MAGIC and payload[1] == CODEC_IDS[codec]
     entries, name = decode_entries(payload)
     assert name == codec
-    assert [(e.name, e.kind, e.shape, e.dtype, e.rank, e.bins, e.alias) for e in entries] == \
-        [(e.name, e.kind, e.shape, e.dtype, e.rank, e.bins, e.alias) for e in ENTRIES]
+    assert [(e.name, e.kind, e.shape, e.dtype, e.rank, e.bins, e.alias) for e in entries] == [
+        (e.name, e.kind, e.shape, e.dtype, e.rank, e.bins, e.alias) for e in ENTRIES
+    ]
     assert_same_state(decode(payload), state_dict_of(ENTRIES))
 
 
@@ -136,8 +148,9 @@ def random_entries(draw):
             entries.append(raw_entry(t))
         elif kind == "lowrank" and t.is_matrix and t.max_lowrank() >= 1:
             fourier = draw(st.integers(2, t.coded_shape[0])) if draw(st.booleans()) else 0
-            entries.append(lowrank_entry(t, draw(st.integers(1, t.max_lowrank())), j, draw(st.integers(-60, 10)),
-                                         fourier=fourier))
+            entries.append(
+                lowrank_entry(t, draw(st.integers(1, t.max_lowrank())), j, draw(st.integers(-60, 10)), fourier=fourier)
+            )
         elif kind == "zero":
             entries.append(zero_entry(t))
         else:

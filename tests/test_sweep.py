@@ -2,6 +2,7 @@
 runs, resumes interrupted ones, gives the same table in one process or two, and gathers
 every run with its config columns; the `mdlgrok sweep` command in-process."""
 
+import hashlib
 import json
 import shutil
 import sys
@@ -18,7 +19,7 @@ from mdlgrok import sweep
 from mdlgrok.cli import main
 from mdlgrok.config import CONFIG_COLUMNS, PAPER_EPS, MeasureConfig, TrainConfig
 from mdlgrok.measure import missing_checkpoints
-from mdlgrok.runs import RunDir
+from mdlgrok.runs import RunDir, config_of
 from mdlgrok.sweep import executors, expand, gather, load_experiment, run_key, run_sweep, stages
 from mdlgrok.sweep.gather import convert_table
 from mdlgrok.sweep.plan import stack_groups
@@ -323,7 +324,7 @@ def test_measured_sweep_gathers_complexity_rows(tmp_path, capsys):
     plain = run_sweep(tiny(epochs=1, grid={"seed": [0]}, pos_rows=None), tmp_path / "plain", progress=False)
     pd.testing.assert_frame_equal(sorted_table(training), sorted_table(plain), check_exact=True)
     # an older table (no estimator_version or options, other run keys) converted: this one again
-    old_id = run.run_id.rsplit("-", 1)[0] + "-0123456789ab"
+    old_id = older_key(run.run_id, config_of(json.loads(run.config.read_text())), (1.0,))
     old = table.drop(columns=["estimator_version", "options"]).assign(run_id=old_id)
     converted = convert_table(old, versions={old_id: VERSION}, options={old_id: options_of(MeasureConfig(eps=[1]))})
     pd.testing.assert_frame_equal(converted, table)
@@ -333,16 +334,30 @@ def test_measured_sweep_gathers_complexity_rows(tmp_path, capsys):
     assert set(unknown[unknown.estimator == ""].estimator_version) == {""}
 
 
+def older_key(key: str, cfg, eps: tuple, measure: bool = True) -> str:
+    """The key an older version gave this config: its hash covered the training fields of its
+    time plus the measure settings `measure` and `eps`."""
+    from mdlgrok.config import canonical
+    from mdlgrok.sweep.gather import OLDER_FIELDS
+
+    d = {k: v for k, v in canonical(cfg).items() if k in OLDER_FIELDS}
+    text = json.dumps({**d, "measure": measure, "eps": list(eps)}, sort_keys=True, separators=(",", ":"))
+    return key.rsplit("-", 1)[0] + "-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def test_converting_an_older_table_never_gives_a_run_another_configs_key(reference):
     """convert_table rebuilds each run's config from the table's columns: a field that is not a
-    column (pos_rows = 4 here, the same for every run) must not silently yield another config's key."""
-    _, table = reference
+    column (pos_rows = 4 here, the same for every run) must not silently yield another config's key;
+    it refuses. With every field in the columns it gives back the current keys."""
+    root, table = reference
+    cfgs = {r: config_of(json.loads((root / "tiny" / r / "config.json").read_text())) for r in table.run_id.unique()}
+    assert {c.pos_rows for c in cfgs.values()} == {4}
     old = table.drop(columns=["estimator_version", "options"])
-    old = old.assign(run_id=old.run_id.map(lambda r: r.rsplit("-", 1)[0] + "-0123456789ab"))  # older keys
-    try:
-        converted = convert_table(old)
-    except ValueError:
-        return  # refusing is fine; a wrong key is not
+    old = old.assign(run_id=old.run_id.map(lambda r: older_key(r, cfgs[r], PAPER_EPS)))
+    with pytest.raises(ValueError, match="do not give back"):
+        convert_table(old)
+    with_pos = old.assign(pos_rows=4)
+    converted = convert_table(with_pos)
     assert sorted(converted.run_id.unique()) == sorted(table.run_id.unique())
 
 

@@ -5,8 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mdlgrok.tasks import (OPERATIONS, PAPER_LAYERS, TaskConfig, epoch_batches, is_prime, make_dataset,
-                           paper_batch_size)
+from mdlgrok.tasks import OPERATIONS, PAPER_LAYERS, TaskConfig, epoch_batches, is_prime, make_dataset, paper_batch_size
 
 PYTHON_OPS = {
     "add": lambda a, b, p: (a + b) % p,
@@ -25,7 +24,13 @@ def all_examples(data):
 def test_six_operations_with_paper_fractions_and_layers():
     assert set(OPERATIONS) == set(PYTHON_OPS)
     assert {k: v[1] for k, v in OPERATIONS.items()} == {
-        "add": 0.2, "sub": 0.3, "mul": 0.2, "div": 0.3, "sq": 0.4, "quad": 0.6}
+        "add": 0.2,
+        "sub": 0.3,
+        "mul": 0.2,
+        "div": 0.3,
+        "sq": 0.4,
+        "quad": 0.6,
+    }
     assert PAPER_LAYERS == {"add": 1, "sub": 2, "mul": 1, "div": 2, "sq": 1, "quad": 1}
 
 
@@ -81,15 +86,18 @@ def test_split_is_a_permutation_not_the_first_rows():
     assert data.x_train.tolist() != first
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(task="pow"), "unknown operation"),
-    (dict(p=2), "at least 3"),
-    (dict(task="div", p=12), "prime"),
-    (dict(frac=0.0), r"\(0, 1\)"),
-    (dict(frac=1.0), r"\(0, 1\)"),
-    (dict(frac=1.5), r"\(0, 1\)"),
-    (dict(frac=-0.1), r"\(0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(task="pow"), "unknown operation"),
+        (dict(p=2), "at least 3"),
+        (dict(task="div", p=12), "prime"),
+        (dict(frac=0.0), r"\(0, 1\)"),
+        (dict(frac=1.0), r"\(0, 1\)"),
+        (dict(frac=1.5), r"\(0, 1\)"),
+        (dict(frac=-0.1), r"\(0, 1\)"),
+    ],
+)
 def test_task_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TaskConfig(**{"task": "add", "p": 7, **kwargs})
