@@ -262,3 +262,39 @@ def tracking_table(curves: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- beside the paper's figures
+PAPER_EPOCHS = (917, 2015, 9727)  # epochs at which DeMoss et al.'s figures are read off (sec. 2 of the docs)
+
+
+def paper_numbers(table: pd.DataFrame, eps: float = EPS_MAIN) -> pd.DataFrame:
+    """Per run, the numbers the paper's figures show: peak complexity (bytes) and its epoch,
+    bytes at epochs 917, 2015 and 9727, the grokking epoch, final test accuracy, naive/final."""
+    table = table if "setting" in table else with_setting(table)
+    rows = []
+    for run_id, g in estimator_rows(table).groupby("run_id"):
+        c = g[(g.metric == "complexity_bits") & (g.eps == eps)].set_index("epoch").value.sort_index()
+        if c.empty:
+            continue
+        first = g.iloc[0]
+        comp = complexity_summary(g, eps) or {}
+        grok = first_epoch(g, "test_acc", GROKKED)
+        row = {
+            "run_id": run_id,
+            "task": first.task,
+            "setting": first.setting,
+            "seed": first.seed,
+            "epochs": int(g.epoch.max()),
+            "peak_bytes": comp.get("peak_bytes"),
+            "peak_epoch": comp.get("peak_epoch"),
+            **{f"bytes_at_{e}": float(c[e]) / 8 if e in c.index else math.nan for e in PAPER_EPOCHS},
+            "final_bytes": comp.get("final_bytes"),
+            "peak_over_final": comp.get("peak_over_final"),
+            "grokking_epoch": math.nan if grok is None else grok,
+            "final_test_acc": final(g, "test_acc"),
+            "naive_over_final": comp.get("naive_over_final"),
+            "estimator_version": comp.get("estimator_version"),
+        }
+        rows.append(row)
+    return pd.DataFrame(rows)

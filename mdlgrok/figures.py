@@ -18,10 +18,12 @@ import pandas as pd
 from mdlgrok import plots
 from mdlgrok.analysis import (
     EPS_MAIN,
+    PAPER_EPOCHS,
     description_table,
     estimator_rows,
     final_rows,
     measure_curves,
+    paper_numbers,
     run_summary,
     scaled,
     tracking_table,
@@ -56,6 +58,9 @@ def draw_experiment(folder: Path) -> list[Path]:
             desc.to_csv(folder / "description_lengths.csv", index=False)
             out.append(folder / "description_lengths.csv")
     out += draw_measures(table, folder)
+    if table.epoch.max() >= max(PAPER_EPOCHS):  # a paper-length table: the numbers the paper's figures show
+        paper_numbers(table).to_csv(folder / "paper_numbers.csv", index=False)
+        out.append(folder / "paper_numbers.csv")
     summary = run_summary(table)
     summary.to_csv(folder / "summary.csv", index=False)
     out.append(folder / "summary.csv")

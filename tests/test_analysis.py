@@ -65,3 +65,53 @@ def test_estimator_rows_keep_the_newest_version_of_each_run():
     mine = estimator_rows(both)
     assert set(mine[mine.estimator == "mdlgrok"].estimator_version) == {"3"}
     assert len(mine[mine.estimator == ""]) == len(_table()[_table().estimator == ""]) * 2
+
+
+def test_paper_numbers_read_the_curve_at_the_papers_epochs():
+    from mdlgrok.analysis import paper_numbers
+
+    epochs = [1, 86, 917, 2015, 9727, 10000]
+    bits = [8e3, 800e3, 300e3, 240e3, 200e3, 190e3]
+    acc = [0.0, 0.1, 0.99, 1.0, 1.0, 1.0]
+    rows = [
+        {
+            "run_id": "r",
+            "epoch": e,
+            "metric": "complexity_bits",
+            "value": b,
+            "eps": 0.5,
+            "estimator": "mdlgrok",
+            "estimator_version": "3",
+        }
+        for e, b in zip(epochs, bits)
+    ]
+    rows += [
+        {
+            "run_id": "r",
+            "epoch": e,
+            "metric": "naive_bits",
+            "value": 8e6,
+            "eps": 0.5,
+            "estimator": "mdlgrok",
+            "estimator_version": "3",
+        }
+        for e in epochs
+    ]
+    rows += [
+        {
+            "run_id": "r",
+            "epoch": e,
+            "metric": "test_acc",
+            "value": a,
+            "eps": math.nan,
+            "estimator": "",
+            "estimator_version": "",
+        }
+        for e, a in zip(epochs, acc)
+    ]
+    table = pd.DataFrame(rows).assign(task="add", preset="ours", seed=0)
+    out = paper_numbers(table).iloc[0]
+    assert (out.peak_bytes, out.peak_epoch) == (100e3, 86)
+    assert (out.bytes_at_917, out.bytes_at_2015, out.bytes_at_9727) == (37.5e3, 30e3, 25e3)
+    assert out.grokking_epoch == 917 and out.final_bytes == 190e3 / 8
+    assert out.naive_over_final == pytest.approx(8e6 / 190e3)
