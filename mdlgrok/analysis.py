@@ -12,18 +12,18 @@ import math
 import pandas as pd
 
 from mdlgrok import mdl
-from mdlgrok.config import CONFIG_COLUMNS, GROKKED
+from mdlgrok.config import CONFIG_COLUMNS, ESTIMATORS, GROKKED
 
 EPS_MAIN = 0.5  # the paper's headline tolerance, nats
 SETTING_COLUMNS = ["preset", "attention", "wd", "gamma", "sigma"]  # what an experiment compares
 
 
 def estimator_rows(table: pd.DataFrame, estimator: str = "mdlgrok") -> pd.DataFrame:
-    """The table with measure rows of one estimator only, each run at the newest version that measured
-    it (training metrics, which name no estimator, are kept)."""
+    """The table with the complexity rows of one estimator only, each run at the newest version that
+    measured it; training metrics and the other measures (norms, llc, fourier) are kept."""
     if "estimator" not in table or table.estimator.eq("").all():
         return table
-    plain = table[table.estimator == ""]
+    plain = table[~table.estimator.isin(ESTIMATORS)]
     mine = table[table.estimator == estimator]
     if "estimator_version" in mine and len(mine):
         newest = mine.groupby("run_id").estimator_version.transform(lambda v: max(v, key=_version_key))
