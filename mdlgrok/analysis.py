@@ -197,6 +197,9 @@ TRAIN_ONLY = [
     "spectral_entropy",
     "effective_rank",
 ]
+# The direction in which the literature expects each to turn as a network generalizes (the others fall):
+# the Gini coefficients rise (Fourier sparsity), the excluded loss rises (Nanda et al. 2023).
+RISING = {"excluded_loss", "gini_embed", "gini_neuron_logit"}
 DRAWN = [*TRAIN_ONLY, "restricted_loss", "train_acc", "test_acc"]
 
 
@@ -232,16 +235,16 @@ def turn_epoch(epochs: pd.Series, values: pd.Series, rising: bool) -> float:
 def tracking_table(curves: pd.DataFrame) -> pd.DataFrame:
     """How well each train-only measure tracks test accuracy over all checkpoints of all runs:
     Spearman rank correlation (pooled), and per run the lead in epochs of the measure's turn
-    (the fall half way from its peak, or the rise from its trough for a measure that grows as
-    test accuracy does) before test accuracy's rise half way from its first to its best value
-    (positive: the measure moves first), median over the runs where both turn."""
+    (the fall half way from its peak, or for the RISING measures the rise from its trough)
+    before test accuracy's rise half way from its first to its best value (positive: the measure
+    moves first), median over the runs where both turn."""
     rows = []
     for measure in [m for m in TRAIN_ONLY if m in curves]:
         both = curves[["run_id", "epoch", measure, "test_acc"]].dropna()
         if len(both) < 3:
             continue
         rho = both[measure].rank().corr(both.test_acc.rank())
-        rising = rho > 0
+        rising = measure in RISING
         leads = []
         for _, run in both.sort_values("epoch").groupby("run_id"):
             acc = run.test_acc.to_numpy()
