@@ -15,7 +15,8 @@ from mdlgrok import mdl
 from mdlgrok.config import CONFIG_COLUMNS, ESTIMATORS, GROKKED
 
 EPS_MAIN = 0.5  # the paper's headline tolerance, nats
-SETTING_COLUMNS = ["preset", "attention", "wd", "gamma", "sigma"]  # what an experiment compares
+# what an experiment compares (a column counts where it varies across the table's runs)
+SETTING_COLUMNS = ["preset", "attention", "wd", "gamma", "sigma", "frac", "lr", "grad_filter", "subset"]
 
 
 def estimator_rows(table: pd.DataFrame, estimator: str = "mdlgrok") -> pd.DataFrame:
@@ -67,16 +68,18 @@ def complexity_summary(table: pd.DataFrame, eps: float = EPS_MAIN) -> dict | Non
     }
 
 
+NAMED = {"preset", "attention", "grad_filter"}  # settings named by their value alone
+
+
 def with_setting(table: pd.DataFrame) -> pd.DataFrame:
     """The table with a `setting` column naming the compared fields that vary across its runs
     (e.g. "ours, softmax" or "gamma=0.03"), the hue of every figure; "all" when none varies."""
     varying = [c for c in SETTING_COLUMNS if c in table and table[c].nunique() > 1]
     if "preset" in varying:  # weights a preset implies are named by it, unless they vary within one
-        varying = [c for c in varying if c in ("preset", "attention") or table.groupby("preset")[c].nunique().max() > 1]
-    named = {"preset", "attention"}
+        varying = [c for c in varying if c in NAMED or table.groupby("preset")[c].nunique().max() > 1]
 
     def label(r) -> str:
-        return ", ".join(str(r[c]) if c in named else f"{c}={r[c]:g}" for c in varying) or "all"
+        return ", ".join(str(r[c]) if c in NAMED else f"{c}={r[c]:g}" for c in varying) or "all"
 
     runs = table.drop_duplicates("run_id").set_index("run_id")
     return table.assign(setting=table.run_id.map(runs.apply(label, axis=1) if len(runs) else {}))
