@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 DEMO    := runs/demo
 
-EXPERIMENTS := rise_and_fall four_tasks regularizers gamma attention
+EXPERIMENTS := rise_and_fall four_tasks regularizers gamma attention grokfast datasize
 # JOBS: parallel runs. results/<experiment>/ holds the CPU length (600 epochs),
 # results/paper/<experiment>/ the paper's 10,000 epochs.
 JOBS        ?= 2
