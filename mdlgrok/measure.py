@@ -23,9 +23,7 @@ import torch
 
 from mdlgrok.config import MeasureConfig
 from mdlgrok.measures import MEASURES
-from mdlgrok.runs import MEASURE_COLUMNS, RunDir, checkpoint_epoch, model_from_checkpoint, rows_to_frame, write_table
-
-KEY = ["epoch", "metric", "eps", "codec", "estimator", "estimator_version", "options"]
+from mdlgrok.runs import RunDir, checkpoint_epoch, model_from_checkpoint
 
 
 def available_cores() -> int:
@@ -61,18 +59,6 @@ def measure_checkpoint(path: str, cfg: MeasureConfig, threads: int | None = None
     model, data, epoch, step = model_from_checkpoint(path)
     run = RunDir(Path(path).parent.parent)
     return measure_model(model, data, cfg, run.run_id, epoch, step, run.payloads)
-
-
-def append_rows(run: RunDir, rows: list[dict]) -> pd.DataFrame:
-    """Add rows to the run's measures table, replacing older rows of the same key."""
-    new = rows_to_frame(rows, MEASURE_COLUMNS)
-    old = run.read_measures()
-    both = pd.concat([old, new], ignore_index=True)
-    both = both.assign(_eps=both.eps.fillna(-1.0)).drop_duplicates(
-        [k if k != "eps" else "_eps" for k in KEY], keep="last"
-    )
-    write_table(run.measures, rows_to_frame(both.drop(columns="_eps").to_dict("records"), MEASURE_COLUMNS))
-    return new
 
 
 def missing_checkpoints(run: RunDir, cfg: MeasureConfig) -> list[Path]:
@@ -115,14 +101,14 @@ def measure_run(
             for i, (path, fut) in enumerate(zip(todo, futures)):
                 rows += fut.result()
                 _progress(progress, i + 1, len(todo), path)
-    return append_rows(run, rows)
+    return run.add_measures(rows)
 
 
 def checkpoint_hook(cfg: MeasureConfig):
     """on_checkpoint for the training loop: measure the model just checkpointed into the run's table."""
 
     def on_checkpoint(run: RunDir, model, data, epoch: int, step: int) -> None:
-        append_rows(run, measure_model(model, data, cfg, run.run_id, epoch, step, run.payloads))
+        run.add_measures(measure_model(model, data, cfg, run.run_id, epoch, step, run.payloads))
 
     return on_checkpoint
 

@@ -28,6 +28,8 @@ METRIC_COLUMNS = ["run_id", "epoch", "step", "metric", "value"]
 # A measure row adds the tolerance (NaN where none), the winning codec, and what measured it.
 MEASURE_COLUMNS = [*METRIC_COLUMNS, "eps", "codec", "estimator", "estimator_version", "options"]
 TEXT_COLUMNS = ["codec", "estimator", "estimator_version", "options"]
+# What makes a measure row unique within a run: a new row of the same key replaces the old one.
+MEASURE_KEY = ["epoch", "metric", "eps", "codec", "estimator", "estimator_version", "options"]
 METRICS_FILE = "metrics.parquet"
 MEASURES_FILE = "measures.parquet"
 
@@ -165,6 +167,15 @@ class RunDir:
             return rows_to_frame([], MEASURE_COLUMNS)
         return pd.read_parquet(self.measures)
 
+    def add_measures(self, rows: list[dict]) -> pd.DataFrame:
+        """Add rows to measures.parquet; a row replaces an older one of the same MEASURE_KEY.
+        Returns the new rows as a frame."""
+        new = rows_to_frame(rows, MEASURE_COLUMNS)
+        both = pd.concat([self.read_measures(), new], ignore_index=True)
+        key = both[MEASURE_KEY].assign(eps=both.eps.fillna(-1.0))  # NaN eps (measures without one) match
+        write_table(self.measures, both[~key.duplicated(keep="last")].reset_index(drop=True))
+        return new
+
     def read_all(self) -> pd.DataFrame:
         """Training metrics and measures as one tidy frame (MEASURE_COLUMNS)."""
         return pd.concat(
@@ -255,10 +266,8 @@ def convert_run(path: str | Path, estimator_version: str = "unknown", options: s
         metrics = metrics.assign(**{"codec": ""} if "codec" not in metrics else {})
         measured = metrics.eps.notna() | (metrics.estimator != "")
         moved = metrics[measured].assign(estimator_version=estimator_version, options=options)
-        if len(moved):  # rows already moved by an interrupted conversion are not added twice
-            both = rows_to_frame(run.read_measures().to_dict("records") + moved.to_dict("records"), MEASURE_COLUMNS)
-            key = both.assign(eps=both.eps.fillna(-1.0)).drop(columns="value")
-            write_table(run.measures, both[~key.duplicated()].reset_index(drop=True))
+        if len(moved):  # rows already moved by an interrupted conversion replace themselves
+            run.add_measures(moved.to_dict("records"))
         write_table(run.metrics, rows_to_frame(metrics[~measured].to_dict("records")))
     cfg = json.loads(run.config.read_text())
     write_json(run.config, {k: v for k, v in cfg.items() if k not in LEGACY_FIELDS})
