@@ -16,7 +16,19 @@ from mdlgrok.config import CONFIG_COLUMNS, ESTIMATORS, GROKKED
 
 EPS_MAIN = 0.5  # the paper's headline tolerance, nats
 # what an experiment compares (a column counts where it varies across the table's runs)
-SETTING_COLUMNS = ["preset", "attention", "wd", "gamma", "sigma", "frac", "lr", "grad_filter", "subset"]
+SETTING_COLUMNS = [
+    "preset",
+    "attention",
+    "wd",
+    "gamma",
+    "sigma",
+    "frac",
+    "lr",
+    "grad_filter",
+    "subset",
+    "init_scale",
+    "loss",
+]
 
 
 def estimator_rows(table: pd.DataFrame, estimator: str = "mdlgrok") -> pd.DataFrame:
@@ -68,7 +80,7 @@ def complexity_summary(table: pd.DataFrame, eps: float = EPS_MAIN) -> dict | Non
     }
 
 
-NAMED = {"preset", "attention", "grad_filter"}  # settings named by their value alone
+NAMED = {"preset", "attention", "grad_filter", "loss"}  # settings named by their value alone
 
 
 def with_setting(table: pd.DataFrame) -> pd.DataFrame:

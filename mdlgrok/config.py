@@ -17,6 +17,8 @@ from typing import Any
 from mdlgrok.complexity.estimate import PAPER_EPS  # the paper's tolerances, nats
 
 GROKKED = 0.95  # test accuracy that counts as grokked
+LOSSES = ("ce", "mse")
+DTYPES = ("float32", "float64")
 ESTIMATORS = ("mdlgrok", "paper")
 
 
@@ -32,11 +34,17 @@ class TrainConfig:
     """A run's resolved configuration: every field changes the weights, so all enter the run's key.
     None fields take the paper's value for the task."""
 
-    task: str = doc("add", "add, sub, mul, div, sq (a^2+b^2) or quad (a^2+ab+b^2), mod p")
+    task: str = doc("add", "add, sub, mul, div, sq (a^2+b^2) or quad (a^2+ab+b^2), mod p; or digits (8x8 images)")
     p: int = doc(113, "modulus (the paper's 113)")
-    frac: float | None = doc(None, "train fraction (paper: add 0.2, sub 0.3, mul 0.2, div 0.3, sq 0.4, quad 0.6)")
-    model: str = doc("transformer", "transformer or mlp")
-    layers: int | None = doc(None, "transformer blocks (paper: 2 for sub/div, 1 otherwise)")
+    frac: float | None = doc(
+        None, "train fraction (paper: add 0.2, sub 0.3, mul 0.2, div 0.3, sq 0.4, quad 0.6; digits: 1,000 images)"
+    )
+    model: str = doc("transformer", "transformer or mlp (modular tasks); dense (digits: a ReLU MLP on the pixels)")
+    width: int | None = doc(None, "dense: hidden width (None: 200, Omnigrok's)")
+    init_scale: float = doc(1.0, "every parameter multiplied by it at initialization (Omnigrok's alpha)")
+    loss: str = doc("ce", "ce (cross-entropy, clipped at 1e-9 as the paper) or mse (squared error to one-hot targets)")
+    dtype: str = doc("float32", "float32 or float64: weights, inputs and training arithmetic")
+    layers: int | None = doc(None, "transformer blocks (paper: 2 for sub/div, 1 otherwise); dense: hidden layers (2)")
     attention: str = doc("paper", "paper (sum of values, as the paper ran) or softmax (standard)")
     pos_rows: int | None = doc(None, "positional table rows (None: p+2 as the paper; 4 suffices)")
     preset: str = doc("ours", "regularizers: none, wd or ours; explicit wd/gamma/sigma override it")
@@ -86,6 +94,12 @@ class TrainConfig:
             raise ValueError(
                 f"EMA filter: alpha must lie in [0, 1) and lambda be >= 0, got {self.grad_alpha}, {self.grad_lambda}"
             )
+        if (self.task == "digits") != (self.model == "dense"):
+            raise ValueError(
+                f"task {self.task} takes " + ("--model dense" if self.task == "digits" else "a token model")
+            )
+        if self.loss not in LOSSES or self.dtype not in DTYPES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)} and dtype one of {', '.join(DTYPES)}")
         if self.subset is not None and self.subset < 1:
             raise ValueError(f"subset must be a positive number of training examples, got {self.subset}")
 
@@ -97,8 +111,16 @@ class TrainConfig:
     def model_config(self):
         from mdlgrok.models import ModelConfig
 
+        task = self.task_config()
         return ModelConfig(
-            vocab=self.p + 2, model=self.model, layers=self.layers, attention=self.attention, pos_rows=self.pos_rows
+            vocab=self.p + 2,
+            model=self.model,
+            layers=self.layers,
+            attention=self.attention,
+            pos_rows=self.pos_rows,
+            classes=task.classes,
+            width=self.width or 200,
+            init_scale=self.init_scale,
         )
 
     def reg_config(self):
@@ -261,4 +283,20 @@ CONFIG_COLUMNS = [
     "seed",
     "epochs",
 ]
-EXTRA_COLUMNS = ["pos_rows", "noise", "lr", "batch", "adam_eps", "grad_filter", "grad_lambda", "init_from", "subset"]
+EXTRA_COLUMNS = [
+    "pos_rows",
+    "noise",
+    "lr",
+    "batch",
+    "adam_eps",
+    "grad_filter",
+    "grad_lambda",
+    "init_from",
+    "subset",
+    "width",
+    "init_scale",
+    "loss",
+    "dtype",
+]
+# Options that are off at these values stay out of a run's key (sweep.spec.effective).
+OFF_VALUES = {"init_from": None, "subset": None, "width": None, "init_scale": 1.0, "loss": "ce", "dtype": "float32"}

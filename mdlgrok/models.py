@@ -5,6 +5,10 @@ Attention comes in two forms. ``attention="paper"`` reproduces the paper's code,
 sum to 1, so every position receives the plain sum of the value vectors and the query and
 key projections get no gradient (they only decay). ``attention="softmax"`` is standard
 scaled dot-product attention.
+
+``model="dense"`` is a plain ReLU MLP on feature vectors (the digits task): Omnigrok's
+64-200-200-10 network (Liu et al. 2023), every parameter multiplied by ``init_scale`` (their
+alpha) after torch's default initialization.
 """
 
 from __future__ import annotations
@@ -17,22 +21,29 @@ from torch import nn
 from torch.nn import functional as F
 
 SEQ_LEN = 4  # [a, OP, b, EQ]
+MODELS = ("transformer", "mlp", "dense")
 
 
 @dataclass
 class ModelConfig:
     vocab: int = 115  # p + 2 tokens (p = 113)
-    model: str = "transformer"  # "transformer" or "mlp"
+    model: str = "transformer"  # "transformer", "mlp" (on tokens) or "dense" (on feature vectors)
     layers: int = 1  # transformer blocks (paper: 1 for add/mul, 2 for sub/div)
     d_model: int = 128  # paper's width
     heads: int = 4  # 4 heads of 32
     d_mlp: int = 512  # paper's MLP width
     attention: str = "paper"  # "paper" (sum of values, as the paper ran) or "softmax"
     pos_rows: int | None = None  # positional table rows; None -> vocab (the paper's), 4 is enough
+    inputs: int = 64  # dense: input features
+    classes: int = 10  # dense: outputs
+    width: int = 200  # dense: hidden width (layers hidden layers)
+    init_scale: float = 1.0  # every parameter multiplied by it at initialization (Omnigrok's alpha)
 
     def __post_init__(self):
-        if self.model not in ("transformer", "mlp"):
-            raise ValueError(f"unknown model {self.model!r}; choose transformer or mlp")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
+        if self.width < 1 or not self.init_scale > 0:
+            raise ValueError(f"width must be positive and init_scale above 0, got {self.width}, {self.init_scale}")
         if self.attention not in ("paper", "softmax"):
             raise ValueError(f"unknown attention {self.attention!r}; choose paper or softmax")
         if self.layers < 1:
@@ -135,8 +146,29 @@ class MLP(nn.Module):
         return self.readout(x)
 
 
+class DenseMLP(nn.Module):
+    """inputs -> `layers` ReLU layers of `width` -> classes, torch's default Linear init."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        sizes = [cfg.inputs] + [cfg.width] * cfg.layers
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.readout = nn.Linear(sizes[-1], cfg.classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.readout(x)
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
-    return Transformer(cfg) if cfg.model == "transformer" else MLP(cfg)
+    model = {"transformer": Transformer, "mlp": MLP, "dense": DenseMLP}[cfg.model](cfg)
+    if cfg.init_scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(cfg.init_scale)
+    return model
 
 
 def n_params(model: nn.Module) -> int:

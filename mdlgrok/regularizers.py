@@ -50,61 +50,61 @@ def weight_matrices(params, batch_dims: int = 0) -> list[torch.Tensor]:
 
 
 class _GramSingularValues(torch.autograd.Function):
-    """Singular values of a batch of Gram matrices' square roots, with the gradient of the SVD.
+    """Singular values of matrices whose smaller Gram matrices share one size, with the gradient
+    of the SVD; called as apply(tall_flags, *matrices).
 
-    Forward: s_i = sqrt(eig_i(G)) with G = W^T W (or W W^T, the smaller), in float64: the Gram
-    squares the condition number, and in float32 its rounding would put a floor of
-    ~3e-4 * s_max under the small singular values that the penalty pushes down.
+    Forward: s_i = sqrt(eig_i(G)) with G = W^T W (tall W) or W W^T, in float64: the Gram squares
+    the condition number, and in float32 its rounding would put a floor of ~3e-4 * s_max under
+    the small singular values that the penalty pushes down. All the Grams go through one batched
+    ``eigh``, whatever the shapes of the matrices they come from.
     Backward: "gradients through singular values only", dL/dW = U diag(dL/ds) V^T, and with
     U S = W V (tall W) that is W V diag(g / s) V^T: one eigendecomposition serves both passes,
     and no eigenvector derivative or Gram backward is formed.
     """
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, tall: bool) -> torch.Tensor:
-        wd = w.double()
-        gram = wd.mT @ wd if tall else wd @ wd.mT
+    def forward(ctx, tall: tuple[bool, ...], *ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        wds = [w.double() for w in ws]
+        gram = torch.stack([wd.mT @ wd if t else wd @ wd.mT for wd, t in zip(wds, tall)])
         # Non-finite weights (a diverged run) give NaN singular values, so that the loss turns
         # NaN and the run is stopped cleanly, instead of eigh raising a LinAlgError.
         finite = torch.isfinite(gram).all(dim=(-2, -1), keepdim=True)
         eig, vecs = torch.linalg.eigh(torch.where(finite, gram, 0.0))
         s = eig.masked_fill(~finite[..., 0], float("nan")).clamp_min(0).add(1e-30).sqrt()
-        ctx.save_for_backward(wd, vecs, s)
+        ctx.save_for_backward(vecs, s, *wds)
         ctx.tall = tall
-        return s.flip(-1).to(w.dtype)  # descending, like svdvals
+        return tuple(s[k].flip(-1).to(w.dtype) for k, w in enumerate(ws))  # descending, like svdvals
 
     @staticmethod
-    def backward(ctx, grad_s: torch.Tensor):
-        wd, vecs, s = ctx.saved_tensors
-        scale = grad_s.flip(-1).double() / s
-        if ctx.tall:  # W V = U S
-            grad = ((wd @ vecs) * scale[..., None, :]) @ vecs.mT
-        else:  # V^T W = S U^T with V the eigenvectors of W W^T (the left singular vectors)
-            grad = vecs @ (scale[..., :, None] * (vecs.mT @ wd))
-        return grad.to(grad_s.dtype), None
+    def backward(ctx, *grad_s: torch.Tensor):
+        vecs, s, *wds = ctx.saved_tensors
+        grads = []
+        for k, (wd, tall, g) in enumerate(zip(wds, ctx.tall, grad_s)):
+            scale, v = g.flip(-1).double() / s[k], vecs[k]
+            if tall:  # W V = U S
+                grad = ((wd @ v) * scale[..., None, :]) @ v.mT
+            else:  # V^T W = S U^T with V the eigenvectors of W W^T (the left singular vectors)
+                grad = v @ (scale[..., :, None] * (v.mT @ wd))
+            grads.append(grad.to(g.dtype))
+        return (None, *grads)
 
 
 def singular_values(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
     """Singular values of each matrix (..., m, n), descending, from its smaller Gram matrix.
 
-    Matrices whose Gram matrices share a size and orientation are stacked into one batched
-    ``eigh``, far cheaper than one SVD each; leading dimensions (stacked models) are batched
-    too. Gradients flow through the singular values only.
+    Matrices whose Gram matrices share a size (and leading dimensions: stacked models) go through
+    one batched ``eigh``, far cheaper than one SVD each. Gradients flow through the singular
+    values only.
     """
-    groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+    groups: dict[tuple, list[int]] = defaultdict(list)
     for i, w in enumerate(matrices):
-        tall = w.shape[-2] >= w.shape[-1]
-        groups[(min(w.shape[-2:]), tall)].append(i)
+        groups[(*w.shape[:-2], min(w.shape[-2:]))].append(i)
     out: list[torch.Tensor] = [None] * len(matrices)  # type: ignore[list-item]
-    for (_, tall), idx in groups.items():
-        same_shape = len({matrices[i].shape for i in idx}) == 1
-        if same_shape:
-            s = _GramSingularValues.apply(torch.stack([matrices[i] for i in idx]), tall)
-            for row, i in enumerate(idx):
-                out[i] = s[row]
-        else:
-            for i in idx:
-                out[i] = _GramSingularValues.apply(matrices[i], tall)
+    for idx in groups.values():
+        ws = [matrices[i] for i in idx]
+        tall = tuple(w.shape[-2] >= w.shape[-1] for w in ws)
+        for i, s in zip(idx, _GramSingularValues.apply(tall, *ws)):
+            out[i] = s
     return out
 
 

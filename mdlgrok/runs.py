@@ -214,9 +214,12 @@ def config_of(d: dict):
 
 
 def model_from_checkpoint(path: str | Path):
-    """(model, data, epoch, step) from an mdlgrok checkpoint, loaded without executing code."""
+    """(model, data, epoch, step) from an mdlgrok checkpoint, loaded without executing code; data
+    is what the run trained on (its subset, if any), with the run's loss."""
+    import torch
+
     from mdlgrok.models import build_model
-    from mdlgrok.tasks import make_dataset
+    from mdlgrok.training.start import training_data
 
     ckpt = load_checkpoint(path)
     if "config" not in ckpt or "model" not in ckpt:
@@ -225,12 +228,12 @@ def model_from_checkpoint(path: str | Path):
             "use mdlgrok.complexity.estimate on your own module"
         )
     cfg = config_of(json.loads(ckpt["config"]))
-    model = build_model(cfg.model_config())
+    model = build_model(cfg.model_config()).to(getattr(torch, cfg.dtype))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} does not match its config: {str(exc).splitlines()[0]}") from None
-    return model, make_dataset(cfg.task_config()), int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
+    return model, training_data(cfg), int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
 
 
 # ---------------------------------------------------------------- older run folders

@@ -27,7 +27,7 @@ def assert_one_error_line(capsys, *fragments):
 @pytest.mark.parametrize(
     "extra,fragment",
     [
-        (["--task", "pow"], "unknown operation 'pow'"),
+        (["--task", "pow"], "unknown task 'pow'"),
         (["--p", "2"], "at least 3"),
         (["--p", "-5"], "at least 3"),
         (["--task", "div", "--p", "9"], "prime"),

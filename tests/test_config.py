@@ -54,7 +54,7 @@ def test_train_config_has_no_measure_settings():
         (dict(batch=-1), "batch"),
         (dict(betas=(0.9,)), "betas must be two numbers"),
         (dict(betas=(0.9, 0.98, 0.999)), "betas must be two numbers"),
-        (dict(task="mod"), "unknown operation"),
+        (dict(task="mod"), "unknown task"),
         (dict(preset="max"), "preset"),
         (dict(model="rnn"), "unknown model"),
         (dict(attention="x"), "attention"),

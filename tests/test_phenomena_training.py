@@ -96,7 +96,8 @@ def test_init_from_starts_at_that_runs_weights_and_checks_the_split(tmp_path):
     for k, v in initial_model(ungrok).state_dict().items():
         assert torch.equal(v, start[k]), k
     model, data, _, _ = model_from_checkpoint(tmp_path / "ungrok" / "checkpoints" / "epoch_000004.pt")
-    assert len(data.y_train) == len(make_dataset(base.task_config()).y_train)  # the checkpoint's split
+    assert len(data.y_train) == 5  # what the run trained on: its subset of the base run's split
+    assert torch.equal(data.x_train, training_data(ungrok).x_train)
     with pytest.raises(ValueError, match="another split"):
         init_checkpoint(tiny_config(seed=1, init_from=str(tmp_path / "base")))
     with pytest.raises(FileNotFoundError):

@@ -138,8 +138,10 @@ def test_experiment_files_expand():
     for f in files:
         exp = load_experiment(f)
         assert exp.name == f.stem
-        cpu, paper = expand(f), expand(f, "paper")
-        assert {c.epochs for c in paper} == {10_000} and all(c.p == 113 for c in cpu), f
+        cpu = expand(f)
+        assert all(c.p == 113 for c in cpu if c.task != "digits"), f
+        if "paper" in exp.lengths:  # the modular experiments; digits have no paper length
+            assert {c.epochs for c in expand(f, "paper")} == {10_000}, f
         assert exp.measure is not None and exp.measure.estimator == "mdlgrok", f  # every experiment measures
         if f.stem in counts:  # the paper's five: 600 epochs on CPU, the paper's seven eps
             assert len(cpu) == counts[f.stem], f

@@ -31,7 +31,7 @@ def test_six_operations_with_paper_fractions_and_layers():
         "sq": 0.4,
         "quad": 0.6,
     }
-    assert PAPER_LAYERS == {"add": 1, "sub": 2, "mul": 1, "div": 2, "sq": 1, "quad": 1}
+    assert PAPER_LAYERS == {"add": 1, "sub": 2, "mul": 1, "div": 2, "sq": 1, "quad": 1, "digits": 2}
 
 
 @pytest.mark.parametrize("task", sorted(PYTHON_OPS))
@@ -89,7 +89,7 @@ def test_split_is_a_permutation_not_the_first_rows():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(task="pow"), "unknown operation"),
+        (dict(task="pow"), "unknown task"),
         (dict(p=2), "at least 3"),
         (dict(task="div", p=12), "prime"),
         (dict(frac=0.0), r"\(0, 1\)"),

@@ -95,7 +95,7 @@ def test_cross_entropy_in_nats_with_probability_floor():
         (dict(epochs=0), "epochs"),
         (dict(lr=0.0), "learning rate"),
         (dict(batch=-1), "batch"),
-        (dict(task="mod"), "unknown operation"),
+        (dict(task="mod"), "unknown task"),
         (dict(preset="max"), "preset"),
         (dict(model="rnn"), "unknown model"),
         (dict(attention="x"), "attention"),
@@ -282,17 +282,17 @@ def test_diverging_run_is_marked_failed(tmp_path, preset):
 
 
 def test_nan_loss_stops_the_run_and_keeps_earlier_rows(tmp_path, monkeypatch):
-    real, steps = single_mod.cross_entropy, []
+    real, steps = single_mod.task_loss, []
 
-    def poisoned(logits, y):
-        loss = real(logits, y)
+    def poisoned(logits, y, kind):
+        loss = real(logits, y, kind)
         if torch.is_grad_enabled():  # a training step, not an evaluation
             steps.append(1)
             if len(steps) > 10:  # epoch 4 = steps 10, 11, 12
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(single_mod, "cross_entropy", poisoned)
+    monkeypatch.setattr(single_mod, "task_loss", poisoned)
     with pytest.raises(TrainingFailed):
         run(tiny_config(epochs=8), tmp_path / "run")
     r = RunDir(tmp_path / "run")

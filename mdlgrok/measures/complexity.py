@@ -36,14 +36,16 @@ def expected(cfg) -> set[tuple]:
 
 
 def closures(data):
-    """loss_fn (mean train loss, nats) and eval_fn (the other coarse metrics) for a dataset."""
+    """loss_fn (mean train loss of the run's objective, nats) and eval_fn (the other coarse
+    metrics) for a dataset."""
+    kind = getattr(data, "loss", "ce")
 
     def loss_fn(model):
-        return evaluate(model, data.x_train, data.y_train)[0]
+        return evaluate(model, data.x_train, data.y_train, loss=kind)[0]
 
     def eval_fn(model):
-        train_loss, train_acc = evaluate(model, data.x_train, data.y_train)
-        test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+        train_loss, train_acc = evaluate(model, data.x_train, data.y_train, loss=kind)
+        test_loss, test_acc = evaluate(model, data.x_test, data.y_test, loss=kind)
         return {"coarse_train_acc": train_acc, "coarse_test_loss": test_loss, "coarse_test_acc": test_acc}
 
     return loss_fn, eval_fn

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mdlgrok.training.objective import cross_entropy, evaluate
+from mdlgrok.training.objective import evaluate, task_loss
 
 NAME, VERSION = "llc", "1"
 
@@ -98,8 +98,9 @@ def expected(cfg) -> set[tuple]:
 def measure(model, data, cfg, payloads=None, epoch: int = 0) -> list[dict]:
     opts = options_of(cfg)
     x, y = data.x_train, data.y_train
-    init = evaluate(model, x, y)[0]
-    chains = sgld_llc(model, lambda m, idx: cross_entropy(m(x[idx]), y[idx]), init, len(y), opts)
+    kind = getattr(data, "loss", "ce")
+    init = evaluate(model, x, y, loss=kind)[0]
+    chains = sgld_llc(model, lambda m, idx: task_loss(m(x[idx]), y[idx], kind), init, len(y), opts)
     mean = sum(chains) / len(chains)
     std = (sum((c - mean) ** 2 for c in chains) / (len(chains) - 1)) ** 0.5 if len(chains) > 1 else math.nan
     tag = {"estimator": NAME, "estimator_version": VERSION, "options": json.dumps(asdict(opts), sort_keys=True)}

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mdlgrok.config import MeasureConfig, TrainConfig, canonical, coerce
+from mdlgrok.config import OFF_VALUES, MeasureConfig, TrainConfig, canonical, coerce
 from mdlgrok.regularizers import preset as reg_preset
 
 try:
@@ -190,7 +190,7 @@ def expand(experiment: str | Path | dict | Experiment, length: str | None = None
 
 def config_hash(cfg: TrainConfig, n: int = 12) -> str:
     """sha256 of the config's effective fields: options that are switched off (no gradient filter,
-    no init run, no subset) do not enter it, so adding such an option keeps every other key."""
+    config.OFF_VALUES) do not enter it, so adding such an option keeps every other key."""
     text = json.dumps(effective(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
@@ -200,7 +200,7 @@ def effective(cfg: TrainConfig) -> dict:
     if d["grad_filter"] == "none":
         for k in ("grad_filter", "grad_alpha", "grad_lambda"):
             d.pop(k)
-    return {k: v for k, v in d.items() if not (k in ("init_from", "subset") and v is None)}
+    return {k: v for k, v in d.items() if not (k in OFF_VALUES and v == OFF_VALUES[k])}
 
 
 def run_key(cfg: TrainConfig) -> str:
@@ -218,7 +218,7 @@ def run_key(cfg: TrainConfig) -> str:
     for name, short in (("wd", "wd"), ("gamma", "g"), ("sigma", "n")):
         if getattr(cfg, name) != getattr(base, name):
             parts.append(f"{short}{getattr(cfg, name):g}")
-    defaults = TrainConfig(task=cfg.task)
+    defaults = TrainConfig(task=cfg.task, model=cfg.model)
     for name, short in (("frac", "f"), ("lr", "lr")):
         if getattr(cfg, name) != getattr(defaults, name):
             parts.append(f"{short}{getattr(cfg, name):g}")
@@ -228,5 +228,9 @@ def run_key(cfg: TrainConfig) -> str:
         parts.append("init")
     if cfg.subset:
         parts.append(f"D{cfg.subset}")
+    for name, short in (("width", "w"), ("init_scale", "a")):
+        if getattr(cfg, name) != OFF_VALUES[name]:
+            parts.append(f"{short}{getattr(cfg, name):g}")
+    parts += [v for v in (cfg.loss, cfg.dtype) if v not in OFF_VALUES.values()]
     parts.append(f"s{cfg.seed}")
     return "-".join(parts + [config_hash(cfg)])

@@ -16,7 +16,7 @@ import torch
 from mdlgrok.config import TrainConfig
 from mdlgrok.regularizers import EmaGradFilter, WeightNoise, mean_spectral_entropy
 from mdlgrok.tasks import epoch_batches, paper_batch_size
-from mdlgrok.training.objective import cross_entropy, model_metrics
+from mdlgrok.training.objective import model_metrics, task_loss
 from mdlgrok.training.start import initial_model, training_data
 
 
@@ -49,8 +49,8 @@ class SingleEngine:
         self.grad_hook = None  # grad_hook(engine): after backward, before the optimizer step
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        """Training loss on minibatch idx: clipped CE plus "gamma * mean over all matrices of H(W)"."""
-        loss = cross_entropy(self._model(self._data.x_train[idx]), self._data.y_train[idx])
+        """Training loss on minibatch idx: the task loss plus "gamma * mean over all matrices of H(W)"."""
+        loss = task_loss(self._model(self._data.x_train[idx]), self._data.y_train[idx], self._data.loss)
         if self.cfg.gamma:
             loss = loss + self.cfg.gamma * mean_spectral_entropy(self._model)
         return loss

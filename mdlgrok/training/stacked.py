@@ -28,13 +28,27 @@ from torch.func import functional_call, stack_module_state, vmap
 from mdlgrok.config import TrainConfig
 from mdlgrok.regularizers import EmaGradFilter, draw_noise, effective_ranks, mean_spectral_entropy
 from mdlgrok.tasks import epoch_batches
-from mdlgrok.training.objective import cross_entropy
+from mdlgrok.training.objective import task_loss
 from mdlgrok.training.single import batch_size
 from mdlgrok.training.start import initial_model, training_data
 
 # Fields that must agree for models to share one stacked step: the architecture and the data
 # shapes (split sizes, batch sizes, number of steps). Everything else is per model.
-SHARED_FIELDS = ("task", "p", "frac", "model", "layers", "attention", "pos_rows", "batch", "subset", "epochs")
+SHARED_FIELDS = (
+    "task",
+    "p",
+    "frac",
+    "model",
+    "layers",
+    "width",
+    "attention",
+    "pos_rows",
+    "batch",
+    "subset",
+    "epochs",
+    "loss",
+    "dtype",
+)
 
 
 def stack_mismatch(configs: list[TrainConfig]) -> str | None:
@@ -167,6 +181,7 @@ class StackedEngine:
         for name in ("x_train", "y_train", "x_test", "y_test"):  # (N, n, 4) tokens and (N, n) targets
             setattr(self, name, torch.stack([getattr(x, name) for x in d]).to(self.device))
         self.batch = batch_size(configs[0], self.x_train.shape[1])
+        self.loss_kind = configs[0].loss
         regs = [c.reg_config() for c in configs]
         self.gamma = torch.tensor([r.gamma for r in regs], device=self.device)
         self.sigma = [r.sigma for r in regs]
@@ -222,12 +237,12 @@ class StackedEngine:
         return vmap(one)(params, self.buffers, x)
 
     def losses(self, idx: torch.Tensor) -> torch.Tensor:
-        """(N,) training losses (clipped CE + gamma_i * mean spectral entropy) on the minibatches
+        """(N,) training losses (task loss + gamma_i * mean spectral entropy) on the minibatches
         idx (N, B), at the noisy point; gradients reach self.params."""
         noise = self._noise()
         params = self.params if noise is None else {k: p + noise[k] for k, p in self.params.items()}
         rows = torch.arange(self.n, device=self.device)[:, None]
-        loss = cross_entropy(self.forward(params, self.x_train[rows, idx]), self.y_train[rows, idx])
+        loss = task_loss(self.forward(params, self.x_train[rows, idx]), self.y_train[rows, idx], self.loss_kind)
         use = self.gamma > 0
         if bool(use.all()):
             # "gamma * mean over all matrices of H(W)"
@@ -294,7 +309,7 @@ class StackedEngine:
             correct = torch.zeros(self.n, dtype=torch.int64, device=self.device)
             for xs, ys in zip(x.split(chunk, dim=1), y.split(chunk, dim=1)):
                 logits = self.forward(self.params, xs)
-                loss_sum += cross_entropy(logits, ys).double() * ys.shape[1]
+                loss_sum += task_loss(logits, ys, self.loss_kind).double() * ys.shape[1]
                 correct += (logits.argmax(-1) == ys).sum(1)
             out[f"{split}_loss"] = loss_sum / y.shape[1]
             out[f"{split}_acc"] = correct.double() / y.shape[1]

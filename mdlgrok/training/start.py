@@ -14,26 +14,30 @@ from mdlgrok.runs import RunDir, config_of, load_checkpoint
 from mdlgrok.tasks import Dataset, make_dataset
 
 SPLIT_FIELDS = ("task", "p", "frac", "seed")  # what fixes the train/test split
-ARCH_FIELDS = ("model", "layers", "attention", "pos_rows")
+ARCH_FIELDS = ("model", "layers", "width", "attention", "pos_rows")
 
 
 def training_data(cfg: TrainConfig) -> Dataset:
-    """The task's split; with cfg.subset, the first `subset` of a seeded permutation (seed + 3) of
-    its training examples (the test set stays the split's)."""
+    """The task's split, fit with cfg.loss (float inputs in cfg.dtype); with cfg.subset, the first
+    `subset` of a seeded permutation (seed + 3) of its training examples (the test set stays the split's)."""
     data = make_dataset(cfg.task_config())
-    if cfg.subset is None:
-        return data
-    n = len(data.y_train)
-    if cfg.subset > n:
-        raise ValueError(f"subset {cfg.subset} is larger than the {n} training examples of the split")
-    keep = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 3))[: cfg.subset].sort().values
-    return Dataset(data.x_train[keep], data.y_train[keep], data.x_test, data.y_test, data.config)
+    x_train, y_train, x_test = data.x_train, data.y_train, data.x_test
+    if x_train.is_floating_point():
+        x_train, x_test = x_train.to(getattr(torch, cfg.dtype)), x_test.to(getattr(torch, cfg.dtype))
+    if cfg.subset is not None:
+        n = len(y_train)
+        if cfg.subset > n:
+            raise ValueError(f"subset {cfg.subset} is larger than the {n} training examples of the split")
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 3))[: cfg.subset].sort().values
+        x_train, y_train = x_train[keep], y_train[keep]
+    return Dataset(x_train, y_train, x_test, data.y_test, data.config, cfg.loss)
 
 
 def initial_model(cfg: TrainConfig) -> torch.nn.Module:
-    """torch.manual_seed(seed), then the model; with cfg.init_from, loaded with that run's weights."""
+    """torch.manual_seed(seed), then the model in cfg.dtype; with cfg.init_from, loaded with that
+    run's weights."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model_config())
+    model = build_model(cfg.model_config()).to(getattr(torch, cfg.dtype))
     if cfg.init_from:
         model.load_state_dict(init_checkpoint(cfg)["model"])
     return model
