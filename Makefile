@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 DEMO    := runs/demo
 
-EXPERIMENTS := rise_and_fall four_tasks regularizers gamma attention grokfast datasize
+EXPERIMENTS := rise_and_fall four_tasks regularizers gamma attention grokfast ungrokking datasize digits
 # JOBS: parallel runs. results/<experiment>/ holds the CPU length (600 epochs),
 # results/paper/<experiment>/ the paper's 10,000 epochs.
 JOBS        ?= 2
@@ -74,6 +74,9 @@ results/%/table.parquet: experiments/%.toml | $(VENV_OK)
 	$(PY) -m mdlgrok sweep $< --jobs $(JOBS) --length cpu --root runs/cpu
 	mkdir -p $(@D)
 	cp runs/cpu/$*/table.parquet $@
+
+# Ungrokking starts from a run of grokfast: that experiment first.
+results/ungrokking/table.parquet: results/grokfast/table.parquet
 
 # The same at the paper's length (10,000 epochs), kept apart from the CPU-length tables.
 results/paper/%/table.parquet: experiments/%.toml | $(VENV_OK)

@@ -17,11 +17,11 @@ import pandas as pd
 
 from mdlgrok import plots
 from mdlgrok.analysis import (
-    EPS_MAIN,
     PAPER_EPOCHS,
     description_table,
     estimator_rows,
     final_rows,
+    main_eps,
     measure_curves,
     paper_numbers,
     run_summary,
@@ -46,34 +46,42 @@ def draw_experiment(folder: Path) -> list[Path]:
     table = with_setting(table)
     drawn = estimator_rows(table)  # complexity as mdlgrok's estimator measured it
     hue = "setting" if table.setting.nunique() > 1 else None
+    eps = main_eps(table)
     for task, sub in drawn.groupby("task"):
         out += plots.rise_and_fall(
-            sub, folder / f"rise_and_fall_{task}", eps=EPS_MAIN, hue=hue, title=f"{folder.name}: {task}"
+            sub, folder / f"rise_and_fall_{task}", eps=eps, hue=hue, title=f"{folder.name}: {task}"
         )
     fin = final_rows(drawn)
     if (fin.metric == "complexity_bits").any():
         out += plots.final_by_eps(fin, folder / "final_complexity_vs_eps", hue=hue)
-        desc = description_table(table)
+        desc = description_table(table, eps)
         if len(desc):
             desc.to_csv(folder / "description_lengths.csv", index=False)
             out.append(folder / "description_lengths.csv")
-    out += draw_measures(table, folder)
+    out += draw_measures(table, folder, eps)
     if table.epoch.max() >= max(PAPER_EPOCHS):  # a paper-length table: the numbers the paper's figures show
         paper_numbers(table).to_csv(folder / "paper_numbers.csv", index=False)
         out.append(folder / "paper_numbers.csv")
-    summary = run_summary(table)
+    summary = run_summary(table, eps)
     summary.to_csv(folder / "summary.csv", index=False)
     out.append(folder / "summary.csv")
     out += plots.settings_summary(summary, folder / "summary")
+    for size in SIZES:  # an experiment over data sizes: everything against the size
+        if size in table and table[size].nunique() > 1:
+            others = [c for c in ("preset", "task") if c in summary and summary[c].nunique() > 1]
+            out += plots.against_size(summary, size, folder / f"against_{size}", hue=others[0] if others else None)
     return out
 
 
-def draw_measures(table: pd.DataFrame, folder: Path) -> list[Path]:
+SIZES = ("frac", "subset")  # numeric settings that figures draw results against
+
+
+def draw_measures(table: pd.DataFrame, folder: Path, eps: float) -> list[Path]:
     """Where a table holds measures beside complexity (llc, fourier): one figure per run of every
     measure scaled to [0, 1] against epoch, and measures_tracking.csv (analysis.tracking_table)."""
     if not table.metric.isin(["llc", "gini_embed"]).any():
         return []
-    curves = measure_curves(table)
+    curves = measure_curves(table, eps)
     out = []
     names = table.drop_duplicates("run_id").set_index("run_id")
     for run_id, long in scaled(curves).groupby("run_id"):

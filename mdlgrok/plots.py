@@ -116,3 +116,28 @@ def measures_against_epoch(long: pd.DataFrame, path: str | Path, title: str = ""
     ax.set(xscale="log", ylabel="scaled to [0, 1] over the run", title=title)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     return save(fig, path)
+
+
+def against_size(summary: pd.DataFrame, x: str, path: str | Path, hue: str | None = None) -> list[Path]:
+    """Per run against a numeric setting x (train fraction, subset size D'): final test accuracy,
+    grokking epoch (runs that never reach it drawn as crosses at their last epoch), peak and
+    final complexity (analysis.run_summary)."""
+    sns.set_theme(style="whitegrid", context="paper")
+    panels = [
+        ("final_test_acc", "final test accuracy"),
+        ("grokking_epoch", "epoch of test acc 0.95"),
+        ("peak_bytes", "peak complexity (B)"),
+        ("final_bytes", "final complexity (B)"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for i, (ax, (col, label)) in enumerate(zip(axes, panels)):
+        sns.lineplot(summary, x=x, y=col, hue=hue, marker="o", errorbar=None, legend=i == 0, ax=ax)
+        if col == "grokking_epoch":
+            never = summary[summary.grokking_epoch.isna()]
+            if len(never):
+                ax.scatter(never[x], never.epochs, marker="x", color="black", label="never (last epoch)")
+                ax.legend(fontsize=7)
+            ax.set(yscale="log")
+        ax.set(xlabel=x, ylabel=label)
+    fig.tight_layout()
+    return save(fig, path)

@@ -18,8 +18,10 @@ from mdlgrok.analysis import (
     with_setting,
 )
 from mdlgrok.cli import main
+from mdlgrok.config import TrainConfig
 from mdlgrok.figures import draw_all
 from mdlgrok.sweep import run_sweep
+from mdlgrok.training import train
 
 TINY = {
     "name": "tiny",
@@ -146,3 +148,34 @@ def test_figures_draw_mdlgroks_rows_even_beside_other_estimators(results, tmp_pa
     draw_all(results.parent)
     for name in ("summary.csv", "description_lengths.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(folder / name), pd.read_csv(results / name))
+
+
+def test_sizes_and_digits_tolerances_are_drawn(tmp_path):
+    """A subset sweep (from a trained run, as ungrokking) draws everything against D'; a digits
+    sweep measured below 0.5 nats is summarized at its largest eps; n_train is the subset."""
+    root, parent = tmp_path / "runs", tmp_path / "parent"
+    train(TrainConfig(task="add", p=7, epochs=2), parent, progress=False)
+    ungrok = {
+        "name": "ungrok",
+        "measure": {"eps": [0.5]},
+        "base": {"p": 7, "epochs": 1, "task": "add", "preset": "ours", "init_from": str(parent)},
+        "grid": {"subset": [3, 6], "seed": [0]},
+    }
+    digits = {
+        "name": "dig",
+        "measure": {"eps": [0.05, 0.01]},
+        "base": {"task": "digits", "model": "dense", "width": 8, "loss": "mse", "epochs": 2, "preset": "wd"},
+        "grid": {"init_scale": [1.0, 8.0], "seed": [0]},
+    }
+    results = tmp_path / "results"
+    for spec in (ungrok, digits):
+        (results / spec["name"]).mkdir(parents=True)
+        run_sweep(spec, root=root, jobs=1, progress=False).to_parquet(results / spec["name"] / "table.parquet")
+    names = {f.name for f in draw_all(results)}
+    assert "against_subset.png" in names and "rise_and_fall_digits.png" in names
+    summary = pd.read_csv(results / "ungrok" / "summary.csv")
+    assert sorted(summary.subset) == [3, 6]
+    desc = pd.read_csv(results / "ungrok" / "description_lengths.csv")
+    assert sorted(desc.n_train) == [3, 6]
+    dig = pd.read_csv(results / "dig" / "summary.csv")
+    assert sorted(dig.setting) == ["init_scale=1", "init_scale=8"] and dig.final_bytes.notna().all()

@@ -274,3 +274,20 @@ def test_draw_noise_is_what_weight_noise_adds(kind):
     gen = torch.Generator().manual_seed(9)
     for shape, a in zip(shapes, added):
         assert torch.equal(draw_noise(shape, 0.3, kind, gen, torch.float32), a)
+
+
+def test_penalty_of_the_paper_model_matches_svd_value_and_gradient():
+    """The paper transformer's nine matrices (115x128, 128x128, 512x128, 128x512: Grams of two
+    sizes, several shapes per batched eigh) give the penalty and its gradient of exact SVDs."""
+    from mdlgrok.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    params = [p for p in model.parameters() if p.ndim >= 2]
+    mean_spectral_entropy(params).backward()
+    ref_params = [p.detach().double().requires_grad_(True) for p in params]
+    ref = torch.stack([spectral_entropy(torch.linalg.svdvals(p)) for p in ref_params]).mean()
+    ref.backward()
+    assert float(mean_spectral_entropy(params)) == pytest.approx(float(ref), rel=1e-6)
+    for p, r in zip(params, ref_params):
+        assert float((p.grad.double() - r.grad).norm() / r.grad.norm()) < 1e-5
