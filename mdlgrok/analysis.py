@@ -199,7 +199,7 @@ def summarize(table: pd.DataFrame, status: dict, name: str) -> str:
         f"final: train acc {final(table, 'train_acc'):.4f}, test acc {final(table, 'test_acc'):.4f}, "
         f"train loss {final(table, 'train_loss'):.3g}, test loss {final(table, 'test_loss'):.3g}",
     ]
-    comp = complexity_summary(table)
+    comp = complexity_summary(table, main_eps(table))
     if comp:
         lines.append(
             f"complexity at eps {comp['eps']:g}: peak {comp['peak_bytes']:,.0f} B at epoch {comp['peak_epoch']}, "
