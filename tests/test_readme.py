@@ -43,3 +43,42 @@ def test_paper_length_table_matches_the_committed_paper_numbers():
         assert _number(ratio) == round(run.peak_over_final, 1) and _number(naive) == round(run.naive_over_final)
         assert (math.isnan(_number(grok)) and math.isnan(run.grokking_epoch)) or _number(grok) == run.grokking_epoch
         assert _number(acc) == round(run.final_test_acc, 3)
+
+
+def _setting_rows(text: str, experiment: str) -> list[list[str]]:
+    """The rows of the per-setting table under results/README.md's `## <experiment>` heading."""
+    section = re.search(rf"^## {experiment}\b.*?(?=^## |\Z)", text, re.M | re.S).group(0)
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| setting") and not line.startswith("|---")
+    ]
+
+
+def test_phenomena_tables_match_the_committed_summaries():
+    """setting | seeds | grokking epoch | peak B (epoch) | final B | peak / final | final test acc:
+    means over the seeds of each setting in results/<experiment>/summary.csv."""
+    text = (ROOT / "results" / "README.md").read_text()
+    checked = 0
+    for experiment in ("grokfast", "ungrokking", "digits"):
+        path = ROOT / "results" / experiment / "summary.csv"
+        if not path.exists():
+            continue
+        summary = pd.read_csv(path)
+        rows = _setting_rows(text, experiment)
+        assert len(rows) == summary.setting.nunique() > 0, experiment
+        for setting, seeds, grok, peak, final, ratio, acc in rows:
+            runs = summary[summary.setting == setting]
+            assert seeds == ", ".join(str(s) for s in sorted(runs.seed)), (experiment, setting)
+            if grok.startswith("never"):
+                assert runs.grokking_epoch.isna().all(), (experiment, setting)
+            else:
+                assert _number(grok) == round(runs.grokking_epoch.mean()), (experiment, setting)
+            peak_bytes, peak_epoch = re.fullmatch(r"([\d,]+) \(([\d,]+)\)", peak).groups()
+            assert _number(peak_bytes) == round(runs.peak_bytes.mean()), (experiment, setting)
+            assert _number(peak_epoch) == round(runs.peak_epoch.mean()), (experiment, setting)
+            assert _number(final) == round(runs.final_bytes.mean()), (experiment, setting)
+            assert _number(ratio) == round(runs.peak_over_final.mean(), 1), (experiment, setting)
+            assert _number(acc) == round(runs.final_test_acc.mean(), 3), (experiment, setting)
+            checked += 1
+    assert checked >= 4
