@@ -59,7 +59,7 @@ def draw_experiment(folder: Path) -> list[Path]:
             desc.to_csv(folder / "description_lengths.csv", index=False)
             out.append(folder / "description_lengths.csv")
     out += draw_measures(table, folder, eps)
-    if table.epoch.max() >= max(PAPER_EPOCHS):  # a paper-length table: the numbers the paper's figures show
+    if table.epoch.max() >= max(PAPER_EPOCHS) and (table.task != "digits").all():  # a paper-length table
         paper_numbers(table).to_csv(folder / "paper_numbers.csv", index=False)
         out.append(folder / "paper_numbers.csv")
     summary = run_summary(table, eps)
@@ -88,7 +88,7 @@ def draw_measures(table: pd.DataFrame, folder: Path, eps: float) -> list[Path]:
         r = names.loc[run_id]
         out += plots.measures_against_epoch(
             long,
-            folder / f"measures_{r.task}_{r.setting.replace(', ', '_')}_s{r.seed}",
+            folder / f"measures_{r.task}_{r.setting.replace(', ', '_').replace('=', '')}_s{r.seed}",
             title=f"{folder.name}: {run_id}",
         )
     tracking_table(curves).to_csv(folder / "measures_tracking.csv", index=False)
