@@ -11,6 +11,7 @@ mdlgrok.analysis; this module only draws and writes.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -88,11 +89,17 @@ def draw_measures(table: pd.DataFrame, folder: Path, eps: float) -> list[Path]:
         r = names.loc[run_id]
         out += plots.measures_against_epoch(
             long,
-            folder / f"measures_{r.task}_{r.setting.replace(', ', '_').replace('=', '')}_s{r.seed}",
+            folder / f"measures_{r.task}_{file_name(r.setting)}_s{r.seed}",
             title=f"{folder.name}: {run_id}",
         )
     tracking_table(curves).to_csv(folder / "measures_tracking.csv", index=False)
     return [*out, folder / "measures_tracking.csv"]
+
+
+def file_name(setting: str) -> str:
+    """A setting ("ours, lr=0.003") as part of a file name ("ours_lr0p003"): no dots, which
+    would read as a suffix."""
+    return re.sub(r"[^A-Za-z0-9_-]", "", setting.replace(", ", "_").replace(".", "p"))
 
 
 def draw_estimator(path: Path) -> list[Path]:
