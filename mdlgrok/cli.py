@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from mdlgrok.config import MeasureConfig, TrainConfig, add_arguments, from_arguments
 
@@ -34,7 +35,11 @@ def _train_args(sub) -> None:
     p = sub.add_parser("train", help="train one run into a run folder")
     add_arguments(p, TrainConfig)
     p.add_argument("--out", help="run folder (default runs/<task>-p<p>-<preset>-s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with its own config (flags given must agree; --epochs may grow)",
+    )
     p.add_argument("--measure", action="store_true", help="then measure every checkpoint (the measure stage)")
     add_arguments(p, MeasureConfig)
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -129,10 +134,23 @@ def _measure_given(a) -> bool:
     return any(getattr(a, f, None) is not None for f in ("eps", "estimator", "measures"))
 
 
+def _resumed_config(a) -> TrainConfig | None:
+    """With --resume --out RUN: the run's own config, with the flags given on top (a flag that
+    changes the weights is then refused by the training loop); None otherwise."""
+    from mdlgrok.runs import RunDir
+    from mdlgrok.training.loop import saved_config
+
+    run = RunDir(a.out) if a.resume and a.out else None
+    if run is None or not run.config.exists():
+        return None
+    given = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
+    return TrainConfig(**{**saved_config(run).to_dict(), **given})
+
+
 def cmd_train(a) -> int:
     from mdlgrok.training import train
 
-    cfg = from_arguments(TrainConfig, a)
+    cfg = _resumed_config(a) or from_arguments(TrainConfig, a)
     mcfg = from_arguments(MeasureConfig, a)
     if _measure_given(a) and not a.measure:
         raise ValueError("--eps, --estimator and --measures go with --measure")

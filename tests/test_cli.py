@@ -107,6 +107,12 @@ def test_train_through_main_then_resume(tmp_path, capsys):
     status = run.read_status()
     assert (status["state"], status["epoch"]) == ("complete", 6)
 
+    # --resume takes the run's own config: only what changes is given
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "8", "--quiet"]) == 0
+    assert run.read_status()["epoch"] == 8 and json.loads(run.config.read_text())["p"] == 7
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "9", "--wd", "0.5", "--quiet"]) == 2
+    assert "different config (wd)" in capsys.readouterr().err
+
 
 def test_overrides_reach_the_config(tmp_path, capsys):
     out = tmp_path / "run"

@@ -98,17 +98,21 @@ def resume_point(cfg: TrainConfig, run: RunDir) -> tuple[dict | None, list[dict]
     """What resuming `run` with `cfg` starts from: its last checkpoint (None: nothing to resume)
     and the metric rows recorded up to it. Refuses a folder started with another config."""
     if run.config.exists():
-        try:
-            saved = TrainConfig.from_dict(json.loads(run.config.read_text()))
-        except (ValueError, TypeError, AttributeError) as exc:  # truncated, not JSON, not a config, older layout
-            raise ValueError(f"--resume: cannot read {run.config} ({exc})") from None
-        check_resumable(saved, cfg, run)
+        check_resumable(saved_config(run), cfg, run)
     checkpoints = run.checkpoints()
     if not checkpoints:
         return None, []
     ckpt = load_checkpoint(checkpoints[-1])
     kept = run.read_metrics()
     return ckpt, kept[kept.epoch <= int(ckpt["epoch"])].to_dict("records")
+
+
+def saved_config(run: RunDir) -> TrainConfig:
+    """The config a run folder was started with; an unreadable one is an error naming the file."""
+    try:
+        return TrainConfig.from_dict(json.loads(run.config.read_text()))
+    except (ValueError, TypeError, AttributeError) as exc:  # truncated, not JSON, not a config, older layout
+        raise ValueError(f"--resume: cannot read {run.config} ({exc})") from None
 
 
 def check_resumable(saved: TrainConfig, cfg: TrainConfig, run: RunDir) -> None:
