@@ -38,7 +38,7 @@ def _train_args(sub) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its last checkpoint, with its config (given flags must agree; --epochs may grow)",
+        help="continue the run in --out from its last checkpoint, with its config (given flags must agree)",
     )
     p.add_argument("--measure", action="store_true", help="then measure every checkpoint (the measure stage)")
     add_arguments(p, MeasureConfig)
