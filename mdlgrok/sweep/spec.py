@@ -231,6 +231,6 @@ def run_key(cfg: TrainConfig) -> str:
     for name, short in (("width", "w"), ("init_scale", "a")):
         if getattr(cfg, name) != OFF_VALUES[name]:
             parts.append(f"{short}{getattr(cfg, name):g}")
-    parts += [v for v in (cfg.loss, cfg.dtype) if v not in OFF_VALUES.values()]
+    parts += [getattr(cfg, name) for name in ("loss", "dtype") if getattr(cfg, name) != OFF_VALUES[name]]
     parts.append(f"s{cfg.seed}")
     return "-".join(parts + [config_hash(cfg)])
