@@ -195,10 +195,10 @@ def cmd_summary(a) -> int:
         raise FileNotFoundError(f"{a.run} holds no metrics.parquet")
     lines = [summarize(table, run.read_status(), str(run.path))]
     if a.plot:
-        from mdlgrok.analysis import estimator_rows
+        from mdlgrok.analysis import estimator_rows, main_eps
         from mdlgrok.plots import rise_and_fall
 
-        files = rise_and_fall(estimator_rows(table), a.plot, title=run.run_id)
+        files = rise_and_fall(estimator_rows(table), a.plot, eps=main_eps(table), title=run.run_id)
         lines.append("figure: " + ", ".join(str(f) for f in files))
     lines.append(f"results: {run.metrics}, {run.measures} (pandas.read_parquet), checkpoints in {run.ckpt_dir}")
     print("\n".join(lines))

@@ -98,6 +98,10 @@ class TrainConfig:
             raise ValueError(
                 f"task {self.task} takes " + ("--model dense" if self.task == "digits" else "a token model")
             )
+        if self.width is not None and (self.model != "dense" or self.width < 1):
+            raise ValueError(f"width is a positive hidden width of the dense model, got {self.width} for {self.model}")
+        if not (0 < self.init_scale < math.inf):
+            raise ValueError(f"init_scale must be a positive finite number, got {self.init_scale}")
         if self.loss not in LOSSES or self.dtype not in DTYPES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)} and dtype one of {', '.join(DTYPES)}")
         if self.subset is not None and self.subset < 1:
@@ -119,7 +123,7 @@ class TrainConfig:
             attention=self.attention,
             pos_rows=self.pos_rows,
             classes=task.classes,
-            width=self.width or 200,
+            width=200 if self.width is None else self.width,
             init_scale=self.init_scale,
         )
 

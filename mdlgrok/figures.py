@@ -68,7 +68,7 @@ def draw_experiment(folder: Path) -> list[Path]:
     out.append(folder / "summary.csv")
     out += plots.settings_summary(summary, folder / "summary")
     for size in SIZES:  # an experiment over data sizes: everything against the size
-        if size in table and table[size].nunique() > 1:
+        if size in table and table.groupby("task")[size].nunique().max() > 1:  # varies within a task
             others = [c for c in ("preset", "task") if c in summary and summary[c].nunique() > 1]
             out += plots.against_size(summary, size, folder / f"against_{size}", hue=others[0] if others else None)
     return out

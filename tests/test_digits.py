@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from mdlgrok.analysis import main_eps
 from mdlgrok.cli import main
 from mdlgrok.config import TrainConfig
 from mdlgrok.measures import fourier
@@ -14,7 +15,7 @@ from mdlgrok.models import DenseMLP, ModelConfig, build_model, n_params
 from mdlgrok.runs import RunDir, model_from_checkpoint
 from mdlgrok.sweep.spec import config_hash, effective, run_key
 from mdlgrok.tasks import TaskConfig, make_dataset
-from mdlgrok.training.objective import evaluate, squared_error, task_loss
+from mdlgrok.training.objective import cross_entropy, evaluate, squared_error, task_loss
 from mdlgrok.training.single import SingleEngine
 from mdlgrok.training.stacked import StackedEngine
 
@@ -73,12 +74,32 @@ def test_squared_error_known_values():
 
 
 def test_off_options_stay_out_of_the_key_and_on_options_name_it():
-    add = TrainConfig(task="add", p=7)
-    assert config_hash(add) == config_hash(TrainConfig(task="add", p=7, init_scale=1.0, loss="ce", width=None))
+    add = TrainConfig(task="add", epochs=600)
+    assert run_key(add) == "add-ours-s0-ee9cc58388ef"  # the key before these options existed (docs/sweeps.md)
     assert not {"init_scale", "loss", "width", "dtype"} & set(effective(add))
+    assert config_hash(TrainConfig(task="add", p=7, loss="mse")) != config_hash(TrainConfig(task="add", p=7))
     key = run_key(digits_config(init_scale=8.0, dtype="float64"))
     assert key.startswith("digits-wd-dense-wd0.01-w16-a8-mse-float64-s0-")
     assert run_key(digits_config()) != run_key(digits_config(init_scale=8.0))
+
+
+def test_width_and_init_scale_are_checked():
+    with pytest.raises(ValueError, match="width"):
+        TrainConfig(task="add", width=64)
+    with pytest.raises(ValueError, match="width"):
+        digits_config(width=0)
+    with pytest.raises(ValueError, match="init_scale"):
+        digits_config(init_scale=float("inf"))
+
+
+def test_engines_train_on_the_runs_loss():
+    for loss, fn in (("mse", squared_error), ("ce", cross_entropy)):
+        engine = SingleEngine(digits_config(loss=loss))
+        data = engine.data()
+        with torch.no_grad():
+            want = float(fn(engine.model()(data.x_train), data.y_train))
+        assert engine.metrics()[0]["train_loss"] == pytest.approx(want, rel=1e-6)
+        assert StackedEngine([digits_config(loss=loss)]).metrics()[0]["train_loss"] == pytest.approx(want, rel=1e-5)
 
 
 def test_single_and_stacked_engines_agree_on_digits():
@@ -102,6 +123,16 @@ def test_float64_runs_train_and_reload_in_float64(tmp_path):
     assert data.loss == "mse"
     engine = SingleEngine(TrainConfig(task="digits", model="dense", width=8, dtype="float64"))
     assert {p.dtype for p in engine.model().parameters()} == {torch.float64}
+    stack = StackedEngine([digits_config(dtype="float64", seed=s) for s in (0, 1)])
+    stack.train_epoch()
+    assert stack.gamma.dtype == torch.float64 and {p.dtype for p in stack.params.values()} == {torch.float64}
+    # a float64 run resumes to the same weights as one trained straight through
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--quiet"]) == 0
+    straight = tmp_path / "straight"
+    assert main(["train", *args, "--dtype", "float64", "--epochs", "3", "--out", str(straight), "--quiet"]) == 0
+    a, b = (model_from_checkpoint(RunDir(r).checkpoints()[-1])[0] for r in (out, straight))
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), name
 
 
 def test_digits_run_is_measured_with_its_own_loss(tmp_path):
@@ -115,3 +146,6 @@ def test_digits_run_is_measured_with_its_own_loss(tmp_path):
     assert len(rows) == 1 and float(rows.value.iloc[0]) <= train_loss + 0.05 + 1e-6  # the mse constraint held
     with pytest.warns(UserWarning, match="no fourier rows"):
         assert fourier.measure(model, data) == []
+    table = pd.concat([pd.read_parquet(out / "metrics.parquet"), measures]).assign(task="digits")
+    assert main_eps(table) == 0.05
+    assert main_eps(table.assign(eps=table.eps.replace(0.05, 0.5))) == 0.5  # nothing below 0.5 measured

@@ -3,13 +3,15 @@
 Rows (bits unless said): complexity_bits (codec = the winning codec), codec_bits (one row
 per codec), naive_bits, compression_ratio, coarse_train_loss and coarse_test_loss (nats),
 coarse_train_acc, coarse_test_acc, data_bits (sum_i -log2 p(y_i|x_i) over the training set
-under the coarse model), description_bits (model + data), loss_evals, estimator_seconds.
+under the coarse model; for squared-error runs the Gaussian likelihood of docs/measures.md),
+description_bits (model + data), loss_evals, estimator_seconds.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,6 +55,12 @@ def closures(data):
 
 def run_estimator(model: torch.nn.Module, data, cfg):
     """The Results of cfg.estimator on one model, all of cfg.eps."""
+    if getattr(data, "loss", "ce") == "mse" and max(cfg.eps) >= 0.5:
+        warnings.warn(
+            "squared error: at eps >= 0.5 nats the all-zero network (0.5 nats) qualifies; measure "
+            "such runs at smaller eps, e.g. --eps 0.05 0.01",
+            stacklevel=2,
+        )
     loss_fn, eval_fn = closures(data)
     search = estimate if cfg.estimator == "mdlgrok" else paper_estimate
     return search(

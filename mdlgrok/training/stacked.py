@@ -183,7 +183,8 @@ class StackedEngine:
         self.batch = batch_size(configs[0], self.x_train.shape[1])
         self.loss_kind = configs[0].loss
         regs = [c.reg_config() for c in configs]
-        self.gamma = torch.tensor([r.gamma for r in regs], device=self.device)
+        dtype = next(iter(self.params.values())).dtype  # per-model scalars as the single engine's Python floats
+        self.gamma = torch.tensor([r.gamma for r in regs], dtype=dtype, device=self.device)
         self.sigma = [r.sigma for r in regs]
         self.noise_kind = [r.noise for r in regs]
         self.opt = StackedAdamW(
@@ -198,8 +199,10 @@ class StackedEngine:
         self.grad_filter = None
         if any(ema):  # lambda 0: a model without the filter
             self.grad_filter = EmaGradFilter(
-                torch.tensor([c.grad_alpha for c in configs], device=self.device),
-                torch.tensor([c.grad_lambda if e else 0.0 for c, e in zip(configs, ema)], device=self.device),
+                torch.tensor([c.grad_alpha for c in configs], dtype=dtype, device=self.device),
+                torch.tensor(
+                    [c.grad_lambda if e else 0.0 for c, e in zip(configs, ema)], dtype=dtype, device=self.device
+                ),
             )
         self.epoch, self.step = 0, 0
         self.grad_hook = None  # grad_hook(engine): after backward, before the optimizer step
