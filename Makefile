@@ -5,8 +5,8 @@ VENV_OK := .venv/.installed
 DEMO    := runs/demo
 
 EXPERIMENTS := rise_and_fall four_tasks regularizers gamma attention grokfast ungrokking datasize digits
-# JOBS: parallel runs. results/<experiment>/ holds the CPU length (600 epochs),
-# results/paper/<experiment>/ the paper's 10,000 epochs.
+# JOBS: parallel runs. results/<experiment>/ holds the length named cpu in its file (600 epochs for
+# the paper's figures, more for the phenomena), results/paper/<experiment>/ the paper's 10,000 epochs.
 JOBS        ?= 2
 
 .PHONY: help install test test-slow check demo bench bench-train bench-estimator bench-stacked bench-sweep bench-measures figures reproduce clean
