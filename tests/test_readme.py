@@ -60,7 +60,7 @@ def test_phenomena_tables_match_the_committed_summaries():
     means over the seeds of each setting in results/<experiment>/summary.csv."""
     text = (ROOT / "results" / "README.md").read_text()
     checked = 0
-    for experiment in ("grokfast", "ungrokking", "digits"):
+    for experiment in ("grokfast", "ungrokking", "digits", "datasize"):
         path = ROOT / "results" / experiment / "summary.csv"
         if not path.exists():
             continue
