@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 
-from mdlgrok.config import MeasureConfig, TrainConfig, add_arguments, from_arguments
+from mdlgrok.config import MeasureConfig, TrainConfig, add_arguments, from_arguments, given_arguments
 
 
 class Parser(argparse.ArgumentParser):
@@ -143,8 +142,7 @@ def _resumed_config(a) -> TrainConfig | None:
     run = RunDir(a.out) if a.resume and a.out else None
     if run is None or not run.config.exists():
         return None
-    given = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
-    return TrainConfig(**{**saved_config(run).to_dict(), **given})
+    return TrainConfig(**{**saved_config(run).to_dict(), **given_arguments(TrainConfig, a)})
 
 
 def cmd_train(a) -> int:

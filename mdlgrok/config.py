@@ -17,7 +17,6 @@ from typing import Any
 from mdlgrok.complexity.estimate import PAPER_EPS  # the paper's tolerances, nats
 
 GROKKED = 0.95  # test accuracy that counts as grokked
-LOSSES = ("ce", "mse")
 DTYPES = ("float32", "float64")
 ESTIMATORS = ("mdlgrok", "paper")
 
@@ -69,6 +68,7 @@ class TrainConfig:
     def __post_init__(self):
         from mdlgrok.regularizers import preset as reg_preset
         from mdlgrok.tasks import PAPER_LAYERS
+        from mdlgrok.training.objective import LOSSES
 
         self.betas = tuple(float(b) for b in self.betas)
         if len(self.betas) != 2:
@@ -98,10 +98,8 @@ class TrainConfig:
             raise ValueError(
                 f"task {self.task} takes " + ("--model dense" if self.task == "digits" else "a token model")
             )
-        if self.width is not None and (self.model != "dense" or self.width < 1):
-            raise ValueError(f"width is a positive hidden width of the dense model, got {self.width} for {self.model}")
-        if not (0 < self.init_scale < math.inf):
-            raise ValueError(f"init_scale must be a positive finite number, got {self.init_scale}")
+        if self.width is not None and self.model != "dense":
+            raise ValueError(f"width is the hidden width of the dense model, not of a {self.model}")
         if self.loss not in LOSSES or self.dtype not in DTYPES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)} and dtype one of {', '.join(DTYPES)}")
         if self.subset is not None and self.subset < 1:
@@ -265,10 +263,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         parser.add_argument(flag, **kw)
 
 
+def given_arguments(cls, args: argparse.Namespace) -> dict:
+    """The fields of cls whose flags (add_arguments) were given."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
 def from_arguments(cls, args: argparse.Namespace, **extra):
     """cls from the parsed flags of add_arguments: flags not given keep the field's default."""
-    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-    return cls(**{**given, **extra})
+    return cls(**{**given_arguments(cls, args), **extra})
 
 
 # Config columns every gathered table carries beside run_id, so that it describes itself,

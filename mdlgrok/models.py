@@ -42,8 +42,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
-        if self.width < 1 or not self.init_scale > 0:
-            raise ValueError(f"width must be positive and init_scale above 0, got {self.width}, {self.init_scale}")
+        if self.width < 1:
+            raise ValueError(f"width must be a positive hidden width, got {self.width}")
+        if not 0 < self.init_scale < math.inf:
+            raise ValueError(f"init_scale must be a positive finite number, got {self.init_scale}")
         if self.attention not in ("paper", "softmax"):
             raise ValueError(f"unknown attention {self.attention!r}; choose paper or softmax")
         if self.layers < 1:
