@@ -156,15 +156,19 @@ def estimate(
     moments, norms = read_moments(oracle, data_aware)
     # numpy's BLAS threads only spin on these small SVDs and products; torch keeps its own.
     with threadpool_limits(1, user_api="blas"):
-        verified = []
+        candidates = {e: [] for e in eps}  # eps -> the verified payloads of its own searches
         for search, its_eps in searches(oracle, base, rows, moments, lowrank, seed, eps):
-            configs = {e: search.best(e, polish=polish) for e in sorted(its_eps, reverse=True)}
-            verified += [verify(search.entries(c), oracle) for c in dict.fromkeys(configs.values())]
+            checked = {}  # choice -> its verified payload: eps that agree share one check
+            for e in its_eps:
+                choice = search.best(e, polish=polish)
+                if choice not in checked:
+                    checked[choice] = verify(search.entries(choice), oracle)
+                candidates[e].append(checked[choice])
     naive = naive_bits(model)
     seconds = time.perf_counter() - start
     results = []
     for e in eps:
-        payload, loss, sizes, entries = min((v for v in verified if v[1] <= base + e), key=lambda v: len(v[0]))
+        payload, loss, sizes, entries = min((v for v in candidates[e] if v[1] <= base + e), key=lambda v: len(v[0]))
         extra = _extra(eval_fn, oracle, payload)
         results.append(
             Result(

@@ -14,9 +14,11 @@
    shrinkage of the sensitivities toward their geometric mean (`shrink`), since the
    probe's spread between tensors is only roughly right where the constraint binds.
 4. Search. For each eps, a binary search along every path with the real loss on the full
-   training set (cached, shared by all eps and paths); from the cheapest feasible point
-   evaluated, a calibration of the decoded bins (the same codes scaled by grid steps), then
-   a greedy pass that coarsens single tensors further while the constraint holds.
+   training set; from the cheapest feasible point that this eps' searches evaluated, a
+   calibration of the decoded bins (the same codes scaled by grid steps), then a greedy pass
+   that coarsens single tensors further while the constraint holds. Losses are cached and
+   shared by all eps and paths, but each eps chooses only among the points its own steps
+   visited: the answer for an eps does not depend on which other eps were asked.
 """
 
 from __future__ import annotations
@@ -283,7 +285,6 @@ class Search:
         self.sens = sens if sens is not None else [sensitivity(t, oracle, base, rng) for t in self.free]
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
         self.cache: dict[Choice, float] = {}
-        self.last_shift: tuple[int, ...] = ()  # the latest calibration (see best)
         self.tensors: dict[tuple[int, int, int], torch.Tensor] = {}  # (tensor, hull index, shift) -> decoded
 
     def _path(self, sens: list[float]) -> list[tuple[int, ...]]:
@@ -334,19 +335,16 @@ class Search:
         return sum(h[c].bits for h, c in zip(self.hulls, config))
 
     def best(self, eps: float, polish: bool = True) -> Choice | None:
-        """The choice with the fewest bits found feasible for eps (None: lossless)."""
-        for p in range(len(self.paths)):
-            self._along(p, eps)
-        # the cheapest feasible configuration evaluated so far, by any path, eps or polish
-        found = [key for key, loss in self.cache.items() if loss <= self.base + eps]
+        """The choice with the fewest bits found feasible for eps (None: lossless). It depends on
+        eps alone: only the points visited by this eps' own path searches are candidates."""
+        visited = [key for p in range(len(self.paths)) for key in self._along(p, eps)]
+        found = [key for key in visited if self.cache[key] <= self.base + eps]
         if not found:
             return None
-        config, shift = min(found, key=lambda key: self.bits(key[0]))
+        config, shift = min(found, key=lambda key: self.bits(key[0]))  # the first of equals, in visiting order
         if not polish:
             return config, shift
-        if self.last_shift and self.loss(config, self.last_shift) < self.loss(config, shift):
-            shift = self.last_shift  # the previous eps' calibration, where it already helps
-        self.last_shift = shift = self._calibrate(config, shift)
+        shift = self._calibrate(config, shift)
         return self._polish(config, eps, shift), shift
 
     def _calibrate(self, config: tuple[int, ...], shift: tuple[int, ...]) -> tuple[int, ...]:
@@ -372,22 +370,26 @@ class Search:
                     break
         return tuple(shift)
 
-    def _along(self, p: int, eps: float) -> tuple[int, ...] | None:
-        """Binary search for the last feasible configuration of path p (loss ~ monotone along it).
+    def _along(self, p: int, eps: float) -> list[Choice]:
+        """Binary search for the last feasible configuration of path p (loss ~ monotone along
+        it); returns the points it evaluated, in order.
 
         Every eps searches the whole path: the loss is not strictly monotone along it, so an
         interval narrowed by another eps can miss a cheaper feasible point. The cache makes
         the shared part of the searches free."""
-        path = self.paths[p]
-        if not self.feasible(path[0], eps):
-            return None
+        path, zero = self.paths[p], (0,) * len(self.free)
+        visited = []
+
+        def feasible(i: int) -> bool:
+            visited.append((path[i], zero))
+            return self.feasible(path[i], eps)
+
         lo, hi = 0, len(path) - 1
-        if self.feasible(path[hi], eps):
-            return path[hi]
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.feasible(path[mid], eps) else (lo, mid)
-        return path[lo]
+        if feasible(lo) and not feasible(hi):
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
+        return visited
 
     def _polish(self, config: tuple[int, ...], eps: float, shift: tuple[int, ...]) -> tuple[int, ...]:
         """Coarsen single tensors hull step by hull step, largest saving first, while feasible."""
