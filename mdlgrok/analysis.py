@@ -305,6 +305,37 @@ def tracking_table(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+MEMORIZED = 0.99  # training accuracy at which a run counts as having memorized its training set
+
+
+def literature_checks(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per run, the shapes the literature reports, read off its curves: the LLC's peak (epoch, and
+    final / peak: Lau et al. see it peak at memorization and end lower), and the embedding's Gini,
+    the excluded and the restricted loss at memorization (first train acc >= MEMORIZED) and at the
+    end (Nanda et al.: the Gini and the excluded loss rise, the restricted loss falls, as a network
+    groks). NaN where a run lacks the measure or never memorizes."""
+    rows = []
+    for run_id, run in curves.sort_values("epoch").groupby("run_id"):
+        mem = _first(run, "train_acc", MEMORIZED)
+        row = {"run_id": run_id, "memorized_epoch": mem, "grokked_epoch": _first(run, "test_acc", GROKKED)}
+        if "llc" in run and run.llc.notna().any():
+            llc = run.dropna(subset=["llc"])
+            peak = llc.loc[llc.llc.idxmax()]
+            row.update(llc_peak_epoch=int(peak.epoch), llc_peak=peak.llc, llc_final=llc.llc.iloc[-1])
+        for m in ("gini_embed", "excluded_loss", "restricted_loss"):
+            vals = run.dropna(subset=[m]) if m in run else run.iloc[:0]
+            at_mem = vals[vals.epoch >= mem] if not math.isnan(mem) else vals.iloc[:0]
+            row[f"{m}_memorized"] = at_mem[m].iloc[0] if len(at_mem) else math.nan
+            row[f"{m}_final"] = vals[m].iloc[-1] if len(vals) else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _first(run: pd.DataFrame, metric: str, threshold: float) -> float:
+    hit = run[run[metric] >= threshold] if metric in run else run.iloc[:0]
+    return float(hit.epoch.iloc[0]) if len(hit) else math.nan
+
+
 # ---------------------------------------------------------------- beside the paper's figures
 PAPER_EPOCHS = (917, 2015, 9727)  # epochs at which DeMoss et al.'s figures are read off (sec. 2 of the docs)
 

@@ -2,7 +2,7 @@
 
     mdlgrok train --task add --p 113 --preset ours --epochs 600 --seed 0 --out runs/add [--measure]
     mdlgrok measure runs/add --jobs 2 [--eps 0.5] [--estimator paper] [--measures complexity norms]
-    mdlgrok complexity runs/add/checkpoints/epoch_000417.pt --eps 1 0.5
+    mdlgrok complexity runs/add/checkpoints/epoch_000417.pt --eps 1 0.5 [--accuracy-drop 0]
     mdlgrok summary runs/add --plot runs/add/rise_and_fall.png
     mdlgrok figures --results results
     mdlgrok sweep experiments/rise_and_fall.toml --jobs 2 [--length cpu|paper] [--dry-run]
@@ -55,6 +55,13 @@ def _measure_args(sub) -> None:
     c = sub.add_parser("complexity", help="print a complexity report for one checkpoint")
     c.add_argument("checkpoint")
     add_arguments(c, MeasureConfig, skip=("measures",))
+    c.add_argument(
+        "--accuracy-drop",
+        type=float,
+        default=None,
+        help="also report the shortest description whose training accuracy stays within this of "
+        "the original's, with no loss limit (0: the same accuracy)",
+    )
 
     s = sub.add_parser("summary", help="summarize a run: grokking epochs, accuracies, complexity")
     s.add_argument("run", help="run folder")
@@ -179,7 +186,12 @@ def cmd_measure(a) -> int:
 def cmd_complexity(a) -> int:
     from mdlgrok.measure import checkpoint_report
 
-    print(checkpoint_report(a.checkpoint, from_arguments(MeasureConfig, a)))
+    cfg = from_arguments(MeasureConfig, a)
+    if a.accuracy_drop is not None and not 0 <= a.accuracy_drop < 1:
+        raise ValueError(f"--accuracy-drop must be in [0, 1), got {a.accuracy_drop:g}")
+    if a.accuracy_drop is not None and cfg.estimator != "mdlgrok":
+        raise ValueError("--accuracy-drop needs --estimator mdlgrok (the paper's search has no accuracy constraint)")
+    print(checkpoint_report(a.checkpoint, cfg, a.accuracy_drop))
     return 0
 
 

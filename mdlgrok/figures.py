@@ -22,6 +22,7 @@ from mdlgrok.analysis import (
     description_table,
     estimator_rows,
     final_rows,
+    literature_checks,
     main_eps,
     measure_curves,
     paper_numbers,
@@ -79,7 +80,8 @@ SIZES = ("frac", "subset")  # numeric settings that figures draw results against
 
 def draw_measures(table: pd.DataFrame, folder: Path, eps: float) -> list[Path]:
     """Where a table holds measures beside complexity (llc, fourier): one figure per run of every
-    measure scaled to [0, 1] against epoch, and measures_tracking.csv (analysis.tracking_table)."""
+    measure scaled to [0, 1] against epoch, measures_tracking.csv (analysis.tracking_table) and
+    literature_checks.csv (analysis.literature_checks)."""
     if not table.metric.isin(["llc", "gini_embed"]).any():
         return []
     curves = measure_curves(table, eps)
@@ -93,7 +95,8 @@ def draw_measures(table: pd.DataFrame, folder: Path, eps: float) -> list[Path]:
             title=f"{folder.name}: {run_id}",
         )
     tracking_table(curves).to_csv(folder / "measures_tracking.csv", index=False)
-    return [*out, folder / "measures_tracking.csv"]
+    literature_checks(curves).to_csv(folder / "literature_checks.csv", index=False)
+    return [*out, folder / "measures_tracking.csv", folder / "literature_checks.csv"]
 
 
 def file_name(setting: str) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from mdlgrok import mdl
 from mdlgrok.config import MeasureConfig
 from mdlgrok.measures import MEASURES
 from mdlgrok.runs import RunDir, checkpoint_epoch, model_from_checkpoint
@@ -118,26 +119,34 @@ def _progress(enabled: bool, done: int, total: int, path: Path) -> None:
         print(f"measured {done}/{total}: {path.name}", file=sys.stderr, flush=True)
 
 
-def checkpoint_report(path: str, cfg: MeasureConfig | None = None) -> str:
-    """A readable report of one checkpoint's complexity."""
-    from mdlgrok.measures.complexity import run_estimator
+def checkpoint_report(path: str, cfg: MeasureConfig | None = None, accuracy_drop: float | None = None) -> str:
+    """A readable report of one checkpoint's complexity, with the kl bound on the test error each
+    description gives (n = the training examples, delta 0.05). accuracy_drop adds a row for the
+    shortest description whose training accuracy stays within it of the original's (no loss limit)."""
+    from mdlgrok.measures.complexity import accuracy_result, run_estimator
 
     cfg = cfg or MeasureConfig()
     model, data, epoch, _ = model_from_checkpoint(path)
     results = run_estimator(model, data, cfg)
-    r0 = results[0]
+    if accuracy_drop is not None:
+        results.append(accuracy_result(model, data, accuracy_drop))
+    r0, n = results[0], len(data.y_train)
     lines = [
         f"{path}: epoch {epoch}, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"train loss {r0.base_loss:.4g} nats, estimator {cfg.estimator} "
         f"({r0.loss_evals} loss calls, {r0.seconds:.1f} s)",
         f"naive size (bzip2 of float32 weights): {r0.naive_bits // 8:,} bytes; errors measured in "
         f"{r0.norms + ' norms' if r0.norms else 'one global bin and rank fraction (the paper search)'}",
-        f"{'eps':>8} {'bytes':>9} {'codec':>10} {'ratio':>7} {'coarse loss':>12} {'test acc':>9}",
+        f"{'eps':>8} {'bytes':>9} {'codec':>10} {'ratio':>7} {'coarse loss':>12} {'train acc':>9} "
+        f"{'test acc':>9} {'kl bound':>9}",
     ]
     for r in results:
+        train_acc = r.extra.get("coarse_train_acc", float("nan"))
+        bound = mdl.kl_bound(1 - train_acc, r.bits, n) if train_acc == train_acc else float("nan")
+        label = f"{r.eps:8.4g}" if r.eps < float("inf") else f"{'acc>=' + format(r.min_accuracy, '.3g'):>8}"
         lines.append(
-            f"{r.eps:8.4g} {r.bits // 8:9,} {r.codec:>10} {r.ratio:7.1f} {r.coarse_loss:12.4g} "
-            f"{r.extra.get('coarse_test_acc', float('nan')):9.3f}"
+            f"{label} {r.bits // 8:9,} {r.codec:>10} {r.ratio:7.1f} {r.coarse_loss:12.4g} {train_acc:9.3f} "
+            f"{r.extra.get('coarse_test_acc', float('nan')):9.3f} {bound:9.3f}"
         )
     lines.append(
         f"choices at eps {results[-1].eps:g}: "

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mdlgrok.analysis import estimator_rows, measure_curves, scaled, tracking_table, turn_epoch
+from mdlgrok.analysis import estimator_rows, literature_checks, measure_curves, scaled, tracking_table, turn_epoch
 
 EPOCHS = np.array([1, 10, 50, 100, 200, 300, 400, 600])
 CURVES = {
@@ -115,3 +115,25 @@ def test_paper_numbers_read_the_curve_at_the_papers_epochs():
     assert (out.bytes_at_917, out.bytes_at_2015, out.bytes_at_9727) == (37.5e3, 30e3, 25e3)
     assert out.grokking_epoch == 917 and out.final_bytes == 190e3 / 8
     assert out.naive_over_final == pytest.approx(8e6 / 190e3)
+
+
+def test_literature_checks_read_the_shapes_off_the_curves():
+    curves = {
+        **CURVES,
+        "train_acc": [0.1, 0.5, 0.995, 1, 1, 1, 1, 1],  # memorized at epoch 50
+        "llc": [5, 40, 90, 70, 30, 20, 15, 15],  # peaks at 50, ends at 15
+        "excluded_loss": [4, 3, 0.2, 0.3, 1, 3, 4, 4],
+        "restricted_loss": [5, 5, 5, 4, 2, 0.5, 0.1, 0.1],
+    }
+    (row,) = literature_checks(measure_curves(_table(curves))).to_dict("records")
+    assert (row["memorized_epoch"], row["llc_peak_epoch"], row["llc_peak"], row["llc_final"]) == (50, 50, 90, 15)
+    assert row["grokked_epoch"] == 400  # test acc first >= 0.95
+    assert (row["gini_embed_memorized"], row["gini_embed_final"]) == (0, 0.9)
+    assert (row["excluded_loss_memorized"], row["excluded_loss_final"]) == (0.2, 4)
+    assert (row["restricted_loss_memorized"], row["restricted_loss_final"]) == (5, 0.1)
+
+
+def test_literature_checks_of_a_run_that_never_memorizes_are_nan():
+    (row,) = literature_checks(measure_curves(_table({**CURVES, "train_acc": [0.5] * 8}))).to_dict("records")
+    assert math.isnan(row["memorized_epoch"]) and math.isnan(row["gini_embed_memorized"])
+    assert row["gini_embed_final"] == 0.9 and "llc_peak" not in row

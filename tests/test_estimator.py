@@ -353,6 +353,37 @@ def test_rows_whose_zeros_change_the_loss_are_kept():
     assert read_rows(LossOracle(model, loss_fn), loss_fn(model)) == {}
 
 
+# ---------------------------------------------------------------- the accuracy constraint
+@pytest.mark.parametrize("drop", [0.0, 0.25])
+def test_accuracy_constraint_keeps_the_training_accuracy(trained, drop):
+    model, data, loss_fn, _, _ = trained
+    accuracy_fn = lambda m: evaluate(m, data.x_train, data.y_train)[1]  # noqa: E731
+    floor = accuracy_fn(model) - drop
+    results = estimate(model, loss_fn, [math.inf, 4.0], accuracy_fn=accuracy_fn, accuracy_drop=drop)
+    check_honest(model, loss_fn, results, [math.inf, 4.0])
+    for r in results:
+        probe = copy.deepcopy(model)
+        probe.load_state_dict(decode(r.payload))
+        assert r.min_accuracy == floor and accuracy_fn(probe) >= floor
+
+
+def test_accuracy_alone_with_everything_allowed_is_the_loosest_loss_bound(trained):
+    """Known answer: with an accuracy floor of ~0 and no loss limit, any model qualifies, as it
+    does under a loss limit of 1e6 nats: both searches end at the same coarsest payload."""
+    model, data, loss_fn, _, _ = trained
+    accuracy_fn = lambda m: evaluate(m, data.x_train, data.y_train)[1]  # noqa: E731
+    (r,) = estimate(model, loss_fn, [math.inf], accuracy_fn=accuracy_fn, accuracy_drop=1 - 1e-9)
+    (loose,) = estimate(model, loss_fn, [1e6])
+    assert r.payload == loose.payload and math.isfinite(r.coarse_loss)
+
+
+@pytest.mark.parametrize("drop", [-0.1, 1.0, math.nan])
+def test_bad_accuracy_drop_is_a_value_error(trained, drop):
+    model, data, loss_fn, _, _ = trained
+    with pytest.raises(ValueError, match="accuracy_drop"):
+        estimate(model, loss_fn, [1.0], accuracy_fn=lambda m: 1.0, accuracy_drop=drop)
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("eps", [0, -1.0, [1.0, 0.0], [0.5, -0.1], math.nan, [math.nan], math.inf, []])
 def test_bad_eps_is_a_value_error_before_any_loss_call(eps):

@@ -212,6 +212,26 @@ def test_complexity_prints_a_report(run, capsys):
         assert line.split()[2] in CODEC_IDS
 
 
+def test_complexity_reports_the_accuracy_constrained_description(run, capsys):
+    ckpt = run / "checkpoints" / "epoch_000002.pt"
+    assert main(["complexity", str(ckpt), "--eps", "0.5", "--accuracy-drop", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "kl bound" in out
+    # columns: constraint, bytes, codec, ratio, coarse loss, train acc, test acc, kl bound
+    (line,) = [ln.split() for ln in out.splitlines() if ln.lstrip().startswith("acc>=")]
+    assert float(line[5]) >= float(line[0].removeprefix("acc>="))  # the accuracy kept
+    assert 0 <= float(line[-1]) <= 1  # the kl bound on the test error
+
+
+@pytest.mark.parametrize(
+    "flags", [["--accuracy-drop", "1"], ["--accuracy-drop", "-0.1"], ["--accuracy-drop", "0", "--estimator", "paper"]]
+)
+def test_bad_accuracy_drop_for_complexity(run, capsys, flags):
+    before = snapshot(run)
+    assert main(["complexity", str(run / "checkpoints" / "epoch_000001.pt"), "--eps", "0.5", *flags]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and snapshot(run) == before
+
+
 def test_summary_draws_the_plot(run, tmp_path, capsys):
     target = tmp_path / "figs" / "X.png"
     assert main(["summary", str(run), "--plot", str(target)]) == 0

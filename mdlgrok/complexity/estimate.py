@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 from mdlgrok.complexity.coarse import targets_of
 from mdlgrok.complexity.moments import input_moments
 from mdlgrok.complexity.payload import Entry, bin_width, decode, encode_all
-from mdlgrok.complexity.search import LossError, LossOracle, Search
+from mdlgrok.complexity.search import LossError, LossOracle, Search, within
 
 PAPER_EPS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
 PLAIN_EPS = 2.0  # nats: the search in plain norms runs beside the data-aware one from here up
@@ -46,6 +46,7 @@ class Result:
     estimator: str = "mdlgrok"  # "mdlgrok" (estimate) or "paper" (paper_estimate)
     extra: dict[str, float] = field(default_factory=dict)  # eval_fn of the coarse model
     norms: str = ""  # how errors were measured: "data-aware", or "frobenius (why)"
+    min_accuracy: float = math.nan  # the accuracy constraint: accuracy_fn(decoded) >= this (nan: none)
 
     @property
     def ratio(self) -> float:
@@ -74,11 +75,26 @@ def choices_of(entries: list[Entry]) -> list[dict]:
     ]
 
 
-def check_eps(eps) -> list[float]:
+def check_eps(eps, accuracy: bool = False) -> list[float]:
+    """eps as floats: positive and finite, or inf where an accuracy constraint is the only one."""
     eps = [float(e) for e in ([eps] if isinstance(eps, (int, float)) else eps)]
-    if not eps or any(not (e > 0 and math.isfinite(e)) for e in eps):
-        raise ValueError(f"every eps must be a positive finite number of nats, got {eps}")
+    if not eps or any(not (e > 0 and (math.isfinite(e) or accuracy)) for e in eps):
+        what = "positive number of nats (inf: accuracy alone)" if accuracy else "positive finite number of nats"
+        raise ValueError(f"every eps must be a {what}, got {eps}")
     return eps
+
+
+def accuracy_constrained(model, loss_fn, accuracy_fn, drop: float) -> tuple[Callable, float]:
+    """loss_fn made infinite wherever accuracy_fn falls more than `drop` below the model's own
+    accuracy, and that floor: the estimator then keeps both constraints."""
+    if not 0 <= drop < 1:
+        raise ValueError(f"accuracy_drop must be in [0, 1), got {drop}")
+    floor = float(accuracy_fn(model)) - drop
+
+    def constrained(module):
+        return loss_fn(module) if float(accuracy_fn(module)) >= floor else math.inf
+
+    return constrained, floor
 
 
 def base_loss(oracle: LossOracle) -> float:
@@ -138,6 +154,8 @@ def estimate(
     data_aware: bool = True,
     eval_fn: Callable | None = None,
     seed: int = 0,
+    accuracy_fn: Callable[[torch.nn.Module], float] | None = None,
+    accuracy_drop: float = 0.0,
 ) -> list[Result]:
     """Complexity of `model` at every eps; one Result per eps, in the order given.
 
@@ -146,8 +164,14 @@ def estimate(
     the "quantization alone" baseline. data_aware=False measures every error in the plain
     Frobenius norm (no input moments, no error feedback). The paper's own procedure is
     `paper_estimate`, with Results of the same shape.
+
+    accuracy_fn(module) -> training accuracy adds a second constraint: the decoded model's
+    accuracy at most accuracy_drop below the original's. With it, eps may be inf (accuracy alone).
     """
-    eps = check_eps(eps)
+    eps = check_eps(eps, accuracy=accuracy_fn is not None)
+    floor = math.nan
+    if accuracy_fn is not None:
+        loss_fn, floor = accuracy_constrained(model, loss_fn, accuracy_fn, accuracy_drop)
     start = time.perf_counter()
     oracle = LossOracle(model, loss_fn)
     base = base_loss(oracle)
@@ -168,7 +192,9 @@ def estimate(
     seconds = time.perf_counter() - start
     results = []
     for e in eps:
-        payload, loss, sizes, entries = min((v for v in candidates[e] if v[1] <= base + e), key=lambda v: len(v[0]))
+        payload, loss, sizes, entries = min(
+            (v for v in candidates[e] if within(v[1], base, e)), key=lambda v: len(v[0])
+        )
         extra = _extra(eval_fn, oracle, payload)
         results.append(
             Result(
@@ -186,6 +212,7 @@ def estimate(
                 "mdlgrok",
                 extra,
                 norms,
+                floor,
             )
         )
     return results

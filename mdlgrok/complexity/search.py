@@ -119,6 +119,11 @@ class LossOracle:
         return value if math.isfinite(value) else math.inf
 
 
+def within(loss: float, base: float, eps: float) -> bool:
+    """The constraint: a finite loss at most eps above the original's (eps may be inf)."""
+    return loss < math.inf and loss <= base + eps
+
+
 @dataclass
 class Option:
     kind: str  # zero | dense | lowrank
@@ -329,7 +334,7 @@ class Search:
         return self.tensors[(i, h, shift)]
 
     def feasible(self, config: tuple[int, ...], eps: float, shift: tuple[int, ...] | None = None) -> bool:
-        return self.loss(config, shift) <= self.base + eps
+        return within(self.loss(config, shift), self.base, eps)
 
     def bits(self, config: tuple[int, ...]) -> float:
         return sum(h[c].bits for h, c in zip(self.hulls, config))
@@ -338,7 +343,7 @@ class Search:
         """The choice with the fewest bits found feasible for eps (None: lossless). It depends on
         eps alone: only the points visited by this eps' own path searches are candidates."""
         visited = [key for p in range(len(self.paths)) for key in self._along(p, eps)]
-        found = [key for key in visited if self.cache[key] <= self.base + eps]
+        found = [key for key in visited if within(self.cache[key], self.base, eps)]
         if not found:
             return None
         config, shift = min(found, key=lambda key: self.bits(key[0]))  # the first of equals, in visiting order

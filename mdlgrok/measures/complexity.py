@@ -72,6 +72,22 @@ def run_estimator(model: torch.nn.Module, data, cfg):
     )
 
 
+def accuracy_result(model: torch.nn.Module, data, drop: float):
+    """mdlgrok's estimate under the accuracy constraint alone: the shortest description whose
+    training accuracy stays within `drop` of the original's (eps = inf: no loss limit)."""
+    loss_fn, eval_fn = closures(data)
+    kind = getattr(data, "loss", "ce")
+
+    def accuracy_fn(m):
+        return evaluate(m, data.x_train, data.y_train, loss=kind)[1]
+
+    options = {k: v for k, v in OPTIONS["mdlgrok"].items()}
+    (result,) = estimate(
+        model, loss_fn, [math.inf], eval_fn=eval_fn, accuracy_fn=accuracy_fn, accuracy_drop=drop, **options
+    )
+    return result
+
+
 def result_rows(results, n_train: int, cfg) -> list[dict]:
     """Tidy rows of one checkpoint's estimates."""
     tag = {"estimator": cfg.estimator, "estimator_version": VERSION, "options": options_of(cfg)}
