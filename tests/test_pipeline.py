@@ -203,10 +203,10 @@ def test_convert_folder_renames_relinks_and_converts_an_older_sweep_root(tmp_pat
 
 
 # ---------------------------------------------------------------- 4. the README's example
-def readme_example() -> str | None:
+def readme_example(path: Path = README) -> str | None:
     """The first ```python block in the section under the first heading that names an example."""
     in_code, section, block = False, False, None
-    for line in README.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("```"):
             if in_code and block is not None:
                 return "\n".join(block) + "\n"
@@ -230,3 +230,13 @@ def test_readme_example_runs(capsys):
         pytest.skip("README.md has no ```python block under an 'example' heading")
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
     assert re.search(r"\d+ bytes at eps 0.25 \(naive bzip2 of the weights: \d+\)", capsys.readouterr().out)
+
+
+def test_the_worked_example_on_a_model_mdlgrok_did_not_build_runs(capsys):
+    doc = README.parent / "docs" / "estimator.md"
+    code = readme_example(doc)
+    assert code is not None, "docs/estimator.md has lost its worked example"
+    exec(compile(code, str(doc), "exec"), {"__name__": "example"})
+    out = capsys.readouterr().out
+    assert re.search(r"loss within 0.1 nats: \d+ bytes \(naive \d+\), 6 tensors", out)
+    assert re.search(r"training accuracy kept: \d+ bytes", out) and "test accuracy of the coarse model" in out
