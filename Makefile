@@ -9,7 +9,7 @@ EXPERIMENTS := rise_and_fall four_tasks regularizers gamma attention grokfast un
 # the paper's figures, more for the phenomena), results/paper/<experiment>/ the paper's 10,000 epochs.
 JOBS        ?= 2
 
-.PHONY: help install test test-slow check demo bench bench-train bench-estimator bench-stacked bench-sweep bench-measures figures reproduce clean
+.PHONY: help install test test-slow check demo bench bench-train bench-estimator bench-estimator-sizes bench-stacked bench-sweep bench-measures figures reproduce clean
 
 help:
 	@echo "make demo            train add/p=113/ours for 600 epochs on CPU and measure complexity"
@@ -47,7 +47,7 @@ demo: $(VENV_OK)
 	$(PY) -m mdlgrok train --task add --p 113 --preset ours --epochs 600 --seed 0 --out $(DEMO) --measure
 	$(PY) -m mdlgrok summary $(DEMO) --plot $(DEMO)/rise_and_fall.png
 
-bench: bench-train bench-stacked bench-sweep bench-estimator bench-measures
+bench: bench-train bench-stacked bench-sweep bench-estimator bench-estimator-sizes bench-measures
 
 bench-train: $(VENV_OK)
 	$(PY) benchmarks/bench_train.py
@@ -56,6 +56,10 @@ bench-train: $(VENV_OK)
 bench-estimator: $(VENV_OK)
 	test -f runs/demo/status.json || $(MAKE) demo
 	$(PY) benchmarks/bench_estimator.py runs/demo --epochs 600
+
+# one estimate's wall time against the time inside its loss calls, models of 0.1M-4M parameters
+bench-estimator-sizes: $(VENV_OK)
+	$(PY) benchmarks/bench_estimator_sizes.py
 
 # seconds per checkpoint of each measure but complexity (norms, llc, fourier) on the paper model
 bench-measures: $(VENV_OK)

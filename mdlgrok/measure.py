@@ -134,7 +134,7 @@ def checkpoint_report(path: str, cfg: MeasureConfig | None = None, accuracy_drop
     lines = [
         f"{path}: epoch {epoch}, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"train loss {r0.base_loss:.4g} nats, estimator {cfg.estimator} "
-        f"({r0.loss_evals} loss calls, {r0.seconds:.1f} s)",
+        f"({r0.loss_evals} loss calls, {r0.seconds:.1f} s, {r0.loss_seconds:.1f} s inside the loss calls)",
         f"naive size (bzip2 of float32 weights): {r0.naive_bits // 8:,} bytes; errors measured in "
         f"{r0.norms + ' norms' if r0.norms else 'one global bin and rank fraction (the paper search)'}",
         f"{'eps':>8} {'bytes':>9} {'codec':>10} {'ratio':>7} {'coarse loss':>12} {'train acc':>9} "

@@ -30,19 +30,26 @@ def test_readme_results_table_matches_the_committed_summary():
         assert acc == round(runs.final_test_acc.mean(), 3)
 
 
-def test_paper_length_table_matches_the_committed_paper_numbers():
+def test_paper_length_tables_match_the_committed_paper_numbers():
+    """Each `## paper length: <experiment>` section of results/README.md against
+    results/paper/<experiment>/paper_numbers.csv."""
     text = (ROOT / "results" / "README.md").read_text()
-    rows = re.findall(r"^\| (add|mul|sub|div), (ours|none) \| ([\d,]+) \((\d+)\) \|(.*)\|$", text, re.M)
-    numbers = pd.read_csv(ROOT / "results" / "paper" / "rise_and_fall" / "paper_numbers.csv")
-    assert len(rows) == len(numbers) > 0
-    for task, setting, peak, peak_epoch, rest in rows:
-        run = numbers[(numbers.task == task) & (numbers.setting == setting)].iloc[0]
-        at917, at2015, at9727, ratio, grok, acc, naive = (c.strip() for c in rest.split("|")[:7])
-        assert _number(peak) == run.peak_bytes and int(peak_epoch) == run.peak_epoch
-        assert [_number(x) for x in (at917, at2015, at9727)] == [run.bytes_at_917, run.bytes_at_2015, run.bytes_at_9727]
-        assert _number(ratio) == round(run.peak_over_final, 1) and _number(naive) == round(run.naive_over_final)
-        assert (math.isnan(_number(grok)) and math.isnan(run.grokking_epoch)) or _number(grok) == run.grokking_epoch
-        assert _number(acc) == round(run.final_test_acc, 3)
+    sections = re.findall(r"^## paper length: (\w+)\b.*?(?=^## |\Z)", text, re.M | re.S)
+    assert "rise_and_fall" in sections
+    for experiment in sections:
+        section = re.search(rf"^## paper length: {experiment}\b.*?(?=^## |\Z)", text, re.M | re.S).group(0)
+        rows = re.findall(r"^\| (add|mul|sub|div), (ours|none) \| ([\d,]+) \((\d+)\) \|(.*)\|$", section, re.M)
+        numbers = pd.read_csv(ROOT / "results" / "paper" / experiment / "paper_numbers.csv")
+        assert len(rows) == len(numbers) > 0, experiment
+        for task, setting, peak, peak_epoch, rest in rows:
+            run = numbers[(numbers.task == task) & (numbers.setting == setting)].iloc[0]
+            at917, at2015, at9727, ratio, grok, acc, naive = (c.strip() for c in rest.split("|")[:7])
+            assert _number(peak) == run.peak_bytes and int(peak_epoch) == run.peak_epoch
+            at = [_number(x) for x in (at917, at2015, at9727)]
+            assert at == [run.bytes_at_917, run.bytes_at_2015, run.bytes_at_9727]
+            assert _number(ratio) == round(run.peak_over_final, 1) and _number(naive) == round(run.naive_over_final)
+            assert (math.isnan(_number(grok)) and math.isnan(run.grokking_epoch)) or _number(grok) == run.grokking_epoch
+            assert _number(acc) == round(run.final_test_acc, 3)
 
 
 def _setting_rows(text: str, experiment: str) -> list[list[str]]:

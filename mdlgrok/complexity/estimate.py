@@ -47,6 +47,12 @@ class Result:
     extra: dict[str, float] = field(default_factory=dict)  # eval_fn of the coarse model
     norms: str = ""  # how errors were measured: "data-aware", or "frobenius (why)"
     min_accuracy: float = math.nan  # the accuracy constraint: accuracy_fn(decoded) >= this (nan: none)
+    loss_seconds: float = 0.0  # of `seconds`, the time inside the loss calls
+
+    @property
+    def search_over_loss(self) -> float:
+        """The search's own time (all but the loss calls) per second inside the loss calls."""
+        return (self.seconds - self.loss_seconds) / self.loss_seconds if self.loss_seconds > 0 else math.inf
 
     @property
     def ratio(self) -> float:
@@ -213,6 +219,7 @@ def estimate(
                 extra,
                 norms,
                 floor,
+                oracle.seconds,
             )
         )
     return results

@@ -116,7 +116,7 @@ def paper_estimate(
     naive = naive_bits(model)
     results = []
     for e in eps:
-        t0, calls0 = time.perf_counter(), oracle.calls
+        t0, calls0, inside0 = time.perf_counter(), oracle.calls, oracle.seconds
         points: list[tuple[bytes, float, tuple[float, float]]] = []
 
         def objective(tau: float, log_delta: float, e: float = e, points: list = points) -> float:
@@ -151,6 +151,7 @@ def paper_estimate(
                 time.perf_counter() - t0,
                 "paper",
                 extra,
+                loss_seconds=oracle.seconds - inside0,
             )
         )
     return results

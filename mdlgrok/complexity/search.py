@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,7 +102,7 @@ class LossOracle:
         self.probe = copy.deepcopy(model)
         self.slots = self.probe.state_dict(keep_vars=False)
         self.original = copy.deepcopy(self.slots)  # a deep copy keeps tied weights tied (targets_of aliases them)
-        self.loss_fn, self.calls = loss_fn, 0
+        self.loss_fn, self.calls, self.seconds = loss_fn, 0, 0.0  # calls, and the time inside them
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> float:
         """Loss with `tensors` in place of the originals (the others are the originals)."""
@@ -112,10 +113,13 @@ class LossOracle:
             for name, value in tensors.items():
                 self.slots[name].copy_(value)
         self.calls += 1
+        start = time.perf_counter()
         try:
             value = float(self.loss_fn(self.probe))
         except Exception as exc:
             raise LossError(f"the loss closure raised {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.seconds += time.perf_counter() - start
         return value if math.isfinite(value) else math.inf
 
 

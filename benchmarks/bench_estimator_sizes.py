@@ -1,0 +1,107 @@
+"""What an estimate costs as the model grows, and how much of it is the loss calls.
+
+    make bench-estimator-sizes
+    python benchmarks/bench_estimator_sizes.py --widths 256 1024 2048 --eps 4 1 0.25
+
+Models mdlgrok did not build, trained briefly on scikit-learn's digits (1,000 training
+images): ReLU MLPs 64-w-w-10 and a small CNN; and the paper's transformer (add mod 113,
+untrained). Prints per model: parameters, wall time of one estimate at all eps, loss calls,
+the time inside them, and the search's own time per second of loss calls (target: <= 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import pandas as pd
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.nn import functional as F
+
+from mdlgrok.complexity import estimate
+from mdlgrok.models import ModelConfig, build_model
+from mdlgrok.tasks import TaskConfig, make_dataset
+from mdlgrok.training.objective import evaluate
+
+
+def digits(images: bool):
+    d = load_digits()
+    x = torch.tensor(d.images if images else d.data, dtype=torch.float32) / 16
+    return (x.unsqueeze(1) if images else x)[:1000], torch.tensor(d.target)[:1000]
+
+
+def mlp(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 40),
+        nn.ReLU(),
+        nn.Linear(40, 10),
+    )
+
+
+def fitted(model: nn.Module, x, y, steps: int = 100) -> nn.Module:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def cases(widths: list[int]):
+    """(name, model, loss_fn) for every benchmarked model."""
+    torch.manual_seed(0)
+    x, y = digits(images=False)
+    for w in widths:
+        yield f"MLP 64-{w}-{w}-10", fitted(mlp(w), x, y), x, y
+    xi, yi = digits(images=True)
+    yield "CNN (2 conv, 2 linear)", fitted(cnn(), xi, yi), xi, yi
+    data = make_dataset(TaskConfig("add", 113, 0.2, 0))
+    yield "paper transformer (add mod 113)", build_model(ModelConfig()), data.x_train, data.y_train
+
+
+def bench(name: str, model: nn.Module, x, y, eps: list[float]) -> dict:
+    def loss_fn(m):
+        return evaluate(m, x, y)[0]
+
+    start = time.perf_counter()
+    r = estimate(model, loss_fn, eps)[0]
+    wall = time.perf_counter() - start
+    return {
+        "model": name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "wall_s": wall,
+        "loss_calls": r.loss_evals,
+        "inside_loss_s": r.loss_seconds,
+        "search_per_loss_s": r.search_over_loss,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 2048])
+    ap.add_argument("--eps", type=float, nargs="+", default=[4.0, 1.0, 0.25])
+    args = ap.parse_args()
+    rows = []
+    for name, model, x, y in cases(args.widths):
+        rows.append(bench(name, model, x, y, args.eps))
+        print(f"{name} done", file=sys.stderr, flush=True)
+    print(f"one estimate at eps {args.eps}, {torch.get_num_threads()} torch threads")
+    print(pd.DataFrame(rows).round(2).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
