@@ -7,6 +7,8 @@ constraint (eps nats) and under the accuracy constraint (training accuracy kept,
 Per run and constraint: bytes, the coarse model's training error and test accuracy, the kl and
 Catoni bounds on its test error (n = training examples, delta 0.05; mdlgrok.mdl), and the
 longest description for which the kl bound beats chance (1 - 1/p) at that training error.
+Each row's bounds hold with probability 1 - delta on their own; to pick the best of a run's k
+rows after the fact, pay ln k more (a union bound).
 """
 
 from __future__ import annotations
@@ -48,7 +50,11 @@ def bound_row(run: Path, epoch: int, constraint: str, r, n: int, classes: int) -
 
 
 def run_bounds(run: Path, eps: list[float], drops: list[float]) -> list[dict]:
-    path = RunDir(run).checkpoints()[-1]
+    checkpoints = RunDir(run).checkpoints()
+    if not checkpoints:
+        print(f"bounds: {run} holds no checkpoints; skipped", file=sys.stderr)
+        return []
+    path = checkpoints[-1]
     model, data, epoch, _ = model_from_checkpoint(path)
     n, classes = len(data.y_train), 10 if data.config.task == "digits" else data.config.p
     rows = [
@@ -69,13 +75,10 @@ def main() -> int:
     args = ap.parse_args()
     rows = []
     for run in args.runs:
-        rows += run_bounds(run, args.eps, args.drops)
-        print(
-            pd.DataFrame(rows[-len(args.eps) - len(args.drops) :])
-            .drop(columns="estimator_version")
-            .to_string(index=False),
-            flush=True,
-        )
+        new = run_bounds(run, args.eps, args.drops)
+        rows += new
+        if new:
+            print(pd.DataFrame(new).drop(columns="estimator_version").to_string(index=False), flush=True)
     table = pd.DataFrame(rows)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ eps, codec, estimator, version, options) replace the older ones, all others are 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -128,6 +129,7 @@ def checkpoint_report(path: str, cfg: MeasureConfig | None = None, accuracy_drop
     cfg = cfg or MeasureConfig()
     model, data, epoch, _ = model_from_checkpoint(path)
     results = run_estimator(model, data, cfg)
+    last = results[-1]  # the last eps asked: its choices are printed
     if accuracy_drop is not None:
         results.append(accuracy_result(model, data, accuracy_drop))
     r0, n = results[0], len(data.y_train)
@@ -137,25 +139,25 @@ def checkpoint_report(path: str, cfg: MeasureConfig | None = None, accuracy_drop
         f"({r0.loss_evals} loss calls, {r0.seconds:.1f} s, {r0.loss_seconds:.1f} s inside the loss calls)",
         f"naive size (bzip2 of float32 weights): {r0.naive_bits // 8:,} bytes; errors measured in "
         f"{r0.norms + ' norms' if r0.norms else 'one global bin and rank fraction (the paper search)'}",
-        f"{'eps':>8} {'bytes':>9} {'codec':>10} {'ratio':>7} {'coarse loss':>12} {'train acc':>9} "
+        f"{'eps':>11} {'bytes':>9} {'codec':>10} {'ratio':>7} {'coarse loss':>12} {'train acc':>9} "
         f"{'test acc':>9} {'kl bound':>9}",
     ]
     for r in results:
         train_acc = r.extra.get("coarse_train_acc", float("nan"))
         bound = mdl.kl_bound(1 - train_acc, r.bits, n) if train_acc == train_acc else float("nan")
-        label = f"{r.eps:8.4g}" if r.eps < float("inf") else f"{'acc>=' + format(r.min_accuracy, '.3g'):>8}"
+        label = f"{r.eps:11.4g}" if r.eps < float("inf") else f"acc>={math.floor(r.min_accuracy * 1e4) / 1e4:.4f}"
         lines.append(
-            f"{label} {r.bits // 8:9,} {r.codec:>10} {r.ratio:7.1f} {r.coarse_loss:12.4g} {train_acc:9.3f} "
+            f"{label} {r.bits // 8:9,} {r.codec:>10} {r.ratio:7.1f} {r.coarse_loss:12.4g} {train_acc:9.4f} "
             f"{r.extra.get('coarse_test_acc', float('nan')):9.3f} {bound:9.3f}"
         )
     lines.append(
-        f"choices at eps {results[-1].eps:g}: "
+        f"choices at eps {last.eps:g}: "
         + ", ".join(
             f"{c['name']}={c['kind']}"
             + (f"(k={c['rank']})" if c["kind"] == "lowrank" else "")
             + (f"[{c['rows']} rows read]" if c.get("rows") else "")
             + (f"[Fourier {c['fourier']}]" if c.get("fourier") else "")
-            for c in results[-1].choices
+            for c in last.choices
             if c["kind"] != "raw"
         )
     )

@@ -91,6 +91,7 @@ def check_honest(model, loss_fn, results, eps):
         assert r.naive_bits == naive_bits(model)
         assert r.ratio == r.naive_bits / r.bits
         assert [c["name"] for c in r.choices] == list(model.state_dict())
+        assert 0 < r.loss_seconds <= r.seconds and r.search_over_loss >= 0
 
 
 # ---------------------------------------------------------------- honesty
@@ -382,6 +383,15 @@ def test_bad_accuracy_drop_is_a_value_error(trained, drop):
     model, data, loss_fn, _, _ = trained
     with pytest.raises(ValueError, match="accuracy_drop"):
         estimate(model, loss_fn, [1.0], accuracy_fn=lambda m: 1.0, accuracy_drop=drop)
+    with pytest.raises(ValueError, match="accuracy_drop needs an accuracy_fn"):
+        estimate(model, loss_fn, [1.0], accuracy_drop=0.1)
+
+
+def test_a_non_deterministic_accuracy_fn_is_a_value_error(trained):
+    model, _, loss_fn, _, _ = trained
+    values = iter([1.0, 0.5])  # the floor read at 1.0, then the original model at 0.5
+    with pytest.raises(ValueError, match="deterministic"):
+        estimate(model, loss_fn, [1.0], accuracy_fn=lambda m: next(values))
 
 
 # ---------------------------------------------------------------- bad input

@@ -47,7 +47,7 @@ class Result:
     extra: dict[str, float] = field(default_factory=dict)  # eval_fn of the coarse model
     norms: str = ""  # how errors were measured: "data-aware", or "frobenius (why)"
     min_accuracy: float = math.nan  # the accuracy constraint: accuracy_fn(decoded) >= this (nan: none)
-    loss_seconds: float = 0.0  # of `seconds`, the time inside the loss calls
+    loss_seconds: float = 0.0  # of `seconds`, the time inside the search's loss (and accuracy) calls
 
     @property
     def search_over_loss(self) -> float:
@@ -90,21 +90,27 @@ def check_eps(eps, accuracy: bool = False) -> list[float]:
     return eps
 
 
-def accuracy_constrained(model, loss_fn, accuracy_fn, drop: float) -> tuple[Callable, float]:
-    """loss_fn made infinite wherever accuracy_fn falls more than `drop` below the model's own
-    accuracy, and that floor: the estimator then keeps both constraints."""
+def accuracy_floor(model, accuracy_fn, drop: float) -> tuple[Callable | None, float]:
+    """The accuracy constraint: a test that a module's accuracy_fn is at most `drop` below the
+    model's own, and that floor (None and nan without accuracy_fn)."""
+    if accuracy_fn is None:
+        if drop:
+            raise ValueError("accuracy_drop needs an accuracy_fn")
+        return None, math.nan
     if not 0 <= drop < 1:
         raise ValueError(f"accuracy_drop must be in [0, 1), got {drop}")
     floor = float(accuracy_fn(model)) - drop
 
-    def constrained(module):
-        return loss_fn(module) if float(accuracy_fn(module)) >= floor else math.inf
+    def accept(module) -> bool:
+        return float(accuracy_fn(module)) >= floor
 
-    return constrained, floor
+    return accept, floor
 
 
 def base_loss(oracle: LossOracle) -> float:
-    value = oracle({})
+    value = oracle({}, constrained=False)
+    if oracle.accept is not None and not oracle.accept(oracle.probe):
+        raise ValueError("accuracy_fn gave the original model two different accuracies: it must be deterministic")
     if not math.isfinite(value):
         raise LossError("the loss closure returned a non-finite value for the original model")
     return value
@@ -175,11 +181,9 @@ def estimate(
     accuracy at most accuracy_drop below the original's. With it, eps may be inf (accuracy alone).
     """
     eps = check_eps(eps, accuracy=accuracy_fn is not None)
-    floor = math.nan
-    if accuracy_fn is not None:
-        loss_fn, floor = accuracy_constrained(model, loss_fn, accuracy_fn, accuracy_drop)
+    accept, floor = accuracy_floor(model, accuracy_fn, accuracy_drop)
     start = time.perf_counter()
-    oracle = LossOracle(model, loss_fn)
+    oracle = LossOracle(model, loss_fn, accept)
     base = base_loss(oracle)
     rows = read_rows(oracle, base)
     oracle({})  # the probe holds the original weights while the input moments are read

@@ -96,16 +96,19 @@ class LossError(ValueError):
 
 
 class LossOracle:
-    """Evaluates loss_fn on a private copy of the model with given tensors swapped in."""
+    """Evaluates loss_fn on a private copy of the model with given tensors swapped in; where
+    `accept` (a second constraint, e.g. on accuracy) rejects the module, the loss is inf."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float]):
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float], accept=None):
+        self.accept = accept
         self.probe = copy.deepcopy(model)
         self.slots = self.probe.state_dict(keep_vars=False)
         self.original = copy.deepcopy(self.slots)  # a deep copy keeps tied weights tied (targets_of aliases them)
         self.loss_fn, self.calls, self.seconds = loss_fn, 0, 0.0  # calls, and the time inside them
 
-    def __call__(self, tensors: dict[str, torch.Tensor]) -> float:
-        """Loss with `tensors` in place of the originals (the others are the originals)."""
+    def __call__(self, tensors: dict[str, torch.Tensor], constrained: bool = True) -> float:
+        """Loss with `tensors` in place of the originals (the others are the originals); inf where
+        `accept` rejects it, unless constrained=False (the loss alone)."""
         with torch.no_grad():  # originals first, then the given ones (tied weights share a slot)
             for name, slot in self.slots.items():
                 if name not in tensors:
@@ -116,6 +119,8 @@ class LossOracle:
         start = time.perf_counter()
         try:
             value = float(self.loss_fn(self.probe))
+            if constrained and self.accept is not None and math.isfinite(value) and not self.accept(self.probe):
+                value = math.inf
         except Exception as exc:
             raise LossError(f"the loss closure raised {type(exc).__name__}: {exc}") from exc
         finally:
@@ -259,8 +264,8 @@ def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Gener
     for _ in range(4):
         z = direction * r * rms
         norm2 = float((z**2).sum())
-        plus = oracle({t.name: t.full(t.w + z)})
-        minus = oracle({t.name: t.full(t.w - z)})
+        plus = oracle({t.name: t.full(t.w + z)}, constrained=False)  # the loss's curvature alone
+        minus = oracle({t.name: t.full(t.w - z)}, constrained=False)
         curv = (plus + minus) / 2 - base
         if not math.isfinite(curv):
             r /= 10
