@@ -1,7 +1,7 @@
 """Generalization bounds from the shortest descriptions of grokked networks: under the loss
 constraint (eps nats) and under the accuracy constraint (training accuracy kept, no loss limit).
 
-    make results/estimator/bounds.csv          # the "ours" runs of rise_and_fall, last checkpoint
+    make results/estimator/bounds.csv          # the add "ours" runs of rise_and_fall, last checkpoint
     python benchmarks/bounds.py RUN [RUN ...] [--eps 0.5] [--drops 0 0.01] [--out bounds.csv]
 
 Per run and constraint: bytes, the coarse model's training error and test accuracy, the kl and
