@@ -627,3 +627,14 @@ def test_slurm_without_slurm_and_bad_slurm_options_are_status_2(tmp_path, capsys
         main(["sweep", str(f), "--root", str(tmp_path / "runs"), "--measure-only", "--remeasure"])
     assert exc.value.code == 2 and "--remeasure" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_option_switched_on_stays_a_column_even_when_every_run_shares_it():
+    from mdlgrok.runs import MEASURE_COLUMNS
+    from mdlgrok.sweep.gather import with_configs
+
+    rows = pd.DataFrame({"run_id": ["a", "b"], "epoch": [1, 1], "metric": ["x", "x"], "value": [0.0, 1.0]})
+    configs = [{"run_id": k, **TrainConfig(subset=400, seed=s).to_dict()} for k, s in (("a", 0), ("b", 1))]
+    table = with_configs(rows.reindex(columns=MEASURE_COLUMNS), configs)
+    assert (table.subset == 400).all()  # the same D' for all: still a column (analysis reads n from it)
+    assert "init_scale" not in table and "lr" not in table  # off, or unchanged, options stay out

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 
-from mdlgrok.config import CONFIG_COLUMNS, EXTRA_COLUMNS
+from mdlgrok.config import CONFIG_COLUMNS, EXTRA_COLUMNS, OFF_VALUES
 from mdlgrok.runs import MEASURE_COLUMNS, METRICS_FILE, RunDir, rows_to_frame, write_table
 
 TABLE_FILE = "table.parquet"
@@ -65,10 +66,21 @@ def gather(folder: str | Path, keys: list[str] | None = None) -> pd.DataFrame:
 def with_configs(rows: pd.DataFrame, configs: list[dict]) -> pd.DataFrame:
     """rows with each run's config columns joined beside run_id."""
     configs = pd.DataFrame(configs)
-    extras = [c for c in EXTRA_COLUMNS if c in configs and configs[c].astype(str).nunique() > 1]
+    extras = [
+        c for c in EXTRA_COLUMNS if c in configs and (configs[c].astype(str).nunique() > 1 or switched_on(configs[c]))
+    ]
     configs = configs[["run_id", *CONFIG_COLUMNS, *extras]].astype(CONFIG_TYPES)
     table = rows.merge(configs, on="run_id", how="left", validate="many_to_one")
     return table[["run_id", *CONFIG_COLUMNS, *extras, *MEASURE_COLUMNS[1:]]]
+
+
+def switched_on(column: pd.Series) -> bool:
+    """Whether any run sets an option that is off by default (config.OFF_VALUES): a subset or an
+    init scale stays a column even when every run of the table shares it."""
+    if column.name not in OFF_VALUES:
+        return False
+    off = OFF_VALUES[column.name]
+    return bool(column.map(lambda v: not (v is None or (isinstance(v, float) and math.isnan(v))) and v != off).any())
 
 
 def convert_table(
