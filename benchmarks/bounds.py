@@ -70,7 +70,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--eps", type=float, nargs="+", default=[0.5])
-    ap.add_argument("--drops", type=float, nargs="+", default=[0.0, 0.01])
+    ap.add_argument("--drops", type=float, nargs="+", default=[0.0])
     ap.add_argument("--out", help="write the table here (csv)")
     args = ap.parse_args()
     rows = []
