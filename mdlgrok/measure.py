@@ -91,19 +91,19 @@ def measure_run(
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     todo = run.checkpoints() if again else missing_checkpoints(run, cfg)
-    rows: list[dict] = []
+    new: list[pd.DataFrame] = []  # each checkpoint's rows are written as it finishes: a stop loses one
     if jobs == 1 or len(todo) < 2:
         for i, path in enumerate(todo):
-            rows += measure_checkpoint(str(path), cfg)  # in-process: keep the caller's thread setting
+            new.append(run.add_measures(measure_checkpoint(str(path), cfg)))  # in-process: caller's threads
             _progress(progress, i + 1, len(todo), path)
     else:
         workers = min(jobs, len(todo))
         with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(measure_checkpoint, str(p), cfg, threads_per_worker(workers)) for p in todo]
             for i, (path, fut) in enumerate(zip(todo, futures)):
-                rows += fut.result()
+                new.append(run.add_measures(fut.result()))
                 _progress(progress, i + 1, len(todo), path)
-    return run.add_measures(rows)
+    return pd.concat(new, ignore_index=True) if new else run.add_measures([])
 
 
 def checkpoint_hook(cfg: MeasureConfig):

@@ -73,6 +73,27 @@ def test_measuring_after_training_equals_measuring_while_training(tmp_path):
     assert snapshot(after) == before
 
 
+def test_a_stopped_measurement_keeps_the_checkpoints_it_finished(tmp_path, monkeypatch):
+    import mdlgrok.measure as measure
+
+    run, mcfg = tmp_path / "run", MeasureConfig(eps=[2.0])
+    train(tiny_config(epochs=3), run, progress=False)
+    real, calls = measure.measure_checkpoint, []
+
+    def stops_at_the_third(path, cfg, threads=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(path, cfg)
+
+    monkeypatch.setattr(measure, "measure_checkpoint", stops_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        measure_run(run, mcfg, progress=False)
+    assert sorted(RunDir(run).read_measures().epoch.unique()) == [1, 2]
+    monkeypatch.setattr(measure, "measure_checkpoint", real)
+    assert sorted(measure_run(run, mcfg, progress=False).epoch.unique()) == [3]  # only what was left
+
+
 # ---------------------------------------------------------------- 2. resume with new eps, another estimator
 def test_resume_with_new_eps_then_another_estimator_keeps_every_row(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
