@@ -34,7 +34,7 @@ TASKS = (*OPERATIONS, "digits")
 
 def _inverse(b: torch.Tensor, p: int) -> torch.Tensor:
     """Modular inverse b^(p-2) mod p (Fermat; p prime, b != 0)."""
-    return torch.tensor([pow(int(x), p - 2, p) for x in b.tolist()], dtype=torch.int64)
+    return torch.tensor([pow(int(x), p - 2, p) for x in b.flatten().tolist()], dtype=torch.int64).reshape(b.shape)
 
 
 def is_prime(n: int) -> bool:

@@ -10,7 +10,7 @@ import torch
 from mdlgrok.config import MeasureConfig, TrainConfig
 from mdlgrok.measures import MEASURES, fourier, llc, norms
 from mdlgrok.models import build_model
-from mdlgrok.tasks import make_dataset
+from mdlgrok.tasks import OPERATIONS, make_dataset
 from mdlgrok.training.objective import model_metrics
 
 
@@ -64,9 +64,31 @@ def test_llc_default_nbeta_is_batch_over_log_batch_and_runs_are_seeded():
     assert first == again and math.isfinite(first[0]["value"])
 
 
-def test_fourier_basis_is_orthonormal():
-    basis = fourier.fourier_basis(11)
-    torch.testing.assert_close(basis @ basis.T, torch.eye(11, dtype=torch.float64))
+@pytest.mark.parametrize("n", [11, 12])
+def test_fourier_basis_is_orthonormal(n):
+    basis = fourier.fourier_basis(n)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(n, dtype=torch.float64))
+    assert sum(len(rows) for rows in fourier.frequency_rows(n)) == n - 1
+
+
+def test_primitive_roots():
+    assert [fourier.primitive_root(p) for p in (3, 7, 11, 13, 113)] == [2, 3, 2, 2, 3]
+
+
+@pytest.mark.parametrize("task", ["add", "sub", "mul", "div"])
+@pytest.mark.parametrize("p", [7, 11])
+def test_the_label_sits_at_coordinate_i_plus_sign_j(task, p):
+    group = fourier.coordinates(task, p)
+    i, j = torch.meshgrid(torch.arange(group.n), torch.arange(group.n), indexing="ij")
+    c = OPERATIONS[task][0](group.residues[i], group.residues[j], p)
+    assert torch.equal(c, group.residues[(i + group.sign * j) % group.n])
+    assert sorted(group.residues.tolist()) == list(range(p - group.n, p))  # mul, div: every non-zero residue
+    assert torch.equal(group.coordinate_of(p)[group.residues], torch.arange(group.n))
+
+
+def test_no_coordinates_where_the_group_is_not_cyclic_or_not_there():
+    assert fourier.coordinates("mul", 9) is None and fourier.coordinates("sq", 11) is None
+    assert fourier.coordinates("sub", 9).n == 9
 
 
 def test_gini_of_one_hot_and_uniform():
@@ -83,45 +105,64 @@ def test_fourier_sparse_embedding_has_gini_near_one_and_a_random_one_does_not():
     assert fourier.gini(fourier.fourier_norms(torch.randn(p, d), basis)) < 0.3
 
 
-def test_key_frequencies_of_neurons_that_compute_cos_of_a_plus_b():
-    p, keys = 13, [2, 5]
-    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
-    acts = torch.stack([torch.cos(2 * math.pi * k * (a + b) / p + phase) for k in keys for phase in (0.0, 1.0)], -1)
-    found, explained = fourier.key_frequencies(acts, fourier.fourier_basis(p))
+@pytest.mark.parametrize("n, keys", [(13, [2, 5]), (12, [2, 6])])
+def test_key_frequencies_of_neurons_that_compute_cos_of_i_plus_j(n, keys):
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    acts = torch.stack([torch.cos(2 * math.pi * k * (i + j) / n + phase) for k in keys for phase in (0.0, 1.0)], -1)
+    found, explained = fourier.key_frequencies(acts, fourier.fourier_basis(n))
     assert found == keys and explained == 1.0
 
 
-def test_restricted_and_excluded_loss_of_logits_made_of_key_frequencies():
-    """Logits cos(w_k (a + b - c)) lie in the key directions: restricted keeps them, excluded leaves nothing."""
-    p, keys, scale = 13, [3], 20.0
-    basis = fourier.fourier_basis(p)
-    a, b, c = torch.meshgrid(torch.arange(p), torch.arange(p), torch.arange(p), indexing="ij")
-    logits = scale * sum(torch.cos(2 * math.pi * k * (a + b - c) / p) for k in keys).double()
-    labels = (a[..., 0] + b[..., 0]) % p
-    train = torch.rand(p, p, generator=torch.Generator().manual_seed(0)) < 0.3
-    restricted, excluded = fourier.restricted_excluded(logits, labels, train, fourier.sum_directions(p, basis, keys))
-    full = torch.nn.functional.cross_entropy(logits.reshape(-1, p), labels.reshape(-1)).item()
+@pytest.mark.parametrize("n, keys, sign", [(13, [3], 1), (13, [3, 5], -1), (12, [5, 6], 1), (12, [6], -1)])
+def test_restricted_and_excluded_loss_of_logits_made_of_key_frequencies(n, keys, sign):
+    """Logits cos(w_k (i + sign j - c)) lie in the key directions: restricted keeps them, excluded leaves nothing."""
+    scale = 20.0
+    basis = fourier.fourier_basis(n)
+    i, j, c = torch.meshgrid(torch.arange(n), torch.arange(n), torch.arange(n), indexing="ij")
+    logits = scale * sum(torch.cos(2 * math.pi * k * (i + sign * j - c) / n) for k in keys).double()
+    labels = (i[..., 0] + sign * j[..., 0]) % n
+    train = torch.rand(n, n, generator=torch.Generator().manual_seed(0)) < 0.3
+    directions = fourier.sum_directions(n, basis, keys, sign)
+    restricted, excluded = fourier.restricted_excluded(logits, labels, train, directions)
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, n), labels.reshape(-1)).item()
     assert restricted == pytest.approx(full, abs=1e-5)  # the loss is taken in float32
-    assert excluded == pytest.approx(math.log(p), abs=1e-5)  # nothing left: uniform logits
+    assert excluded == pytest.approx(math.log(n), abs=1e-5)  # nothing left: uniform logits
+    other = fourier.sum_directions(n, basis, keys, -sign)  # the wrong sign misses them (k = n/2 alone is even)
+    if any(2 * k != n for k in keys):
+        assert fourier.restricted_excluded(logits, labels, train, other)[1] < math.log(n) - 0.1
 
 
-def test_fourier_measure_on_the_paper_model_and_not_on_other_tasks():
-    cfg = TrainConfig(task="add", p=11, epochs=1)
+FOURIER_ROWS = {"key_freqs", "neurons_explained", "restricted_loss", "excluded_loss", "gini_embed", "gini_neuron_logit"}
+
+
+@pytest.mark.parametrize("task", ["add", "sub", "mul", "div"])
+def test_fourier_measure_on_the_four_operations(task):
+    cfg = TrainConfig(task=task, p=11, epochs=1)
     torch.manual_seed(0)
     model, data = build_model(cfg.model_config()), make_dataset(cfg.task_config())
     rows = {r["metric"]: r["value"] for r in fourier.measure(model, data)}
-    assert set(rows) == {
-        "key_freqs",
-        "neurons_explained",
-        "restricted_loss",
-        "excluded_loss",
-        "gini_embed",
-        "gini_neuron_logit",
-    }
-    assert all(math.isfinite(v) for v in rows.values())
-    mul = TrainConfig(task="mul", p=11, epochs=1)
-    with pytest.warns(UserWarning, match="defined for add"):
-        assert fourier.measure(build_model(mul.model_config()), make_dataset(mul.task_config())) == []
+    assert set(rows) == FOURIER_ROWS and all(math.isfinite(v) for v in rows.values())
+
+
+def test_an_embedding_sparse_in_discrete_log_frequency_has_gini_near_one_for_mul_only():
+    """Rows cos(2 pi 7 log_g(a) / 112): one frequency of the multiplicative group, not of the residues."""
+    p = 113
+    group = fourier.coordinates("mul", p)
+    torch.manual_seed(0)
+    sparse = fourier.fourier_basis(p - 1)[[13, 14]].T.float() @ torch.randn(2, 128)
+    for task, near_one in (("mul", True), ("add", False)):
+        cfg = TrainConfig(task=task, p=p, epochs=1)
+        model, data = build_model(cfg.model_config()), make_dataset(cfg.task_config())
+        with torch.no_grad():
+            model.embed.weight[group.residues] = sparse
+        rows = {r["metric"]: r["value"] for r in fourier.measure(model, data)}
+        assert (rows["gini_embed"] > 0.95) == near_one, (task, rows["gini_embed"])
+
+
+def test_no_fourier_rows_for_other_tasks():
+    cfg = TrainConfig(task="sq", p=11, epochs=1)
+    with pytest.warns(UserWarning, match="defined for add, sub, mul and div"):
+        assert fourier.measure(build_model(cfg.model_config()), make_dataset(cfg.task_config())) == []
 
 
 def test_norms_measure_is_the_training_metrics_definition():
