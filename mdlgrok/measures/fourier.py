@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-
 from dataclasses import dataclass
 
 import torch
