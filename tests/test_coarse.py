@@ -199,6 +199,18 @@ def test_gptq_rows_are_independent_and_blocks_do_not_matter():
     assert np.array_equal(gptq_codes(w, [-10, -3], u, block=7), full)
 
 
+@FAST
+@given(st.integers(0, 10_000), st.integers(-24, 0), st.integers(1, 40))
+def test_gptq_reports_each_rows_error_in_the_h_norm(seed, j, block):
+    h = correlated_moment(12, seed)
+    w = np.random.default_rng(seed + 1).normal(size=(5, 12))
+    codes, errors = gptq_codes(w, [j, j - 3], upper_cholesky_of_inverse(h), block=block, errors=True)
+    assert np.array_equal(codes, gptq_codes(w, [j, j - 3], upper_cholesky_of_inverse(h)))
+    for c, e, jj in zip(codes, errors, [j, j - 3]):
+        d = c * bin_width(jj) - w
+        np.testing.assert_allclose(e, ((d @ h) * d).sum(1), rtol=1e-9, atol=1e-12)
+
+
 def test_whitened_factors_rebuild_the_matrix_at_full_rank():
     h = correlated_moment(6)
     t = targets_of({"w": torch.randn(9, 6, dtype=torch.float64)}, moments={"w": h})[0]

@@ -213,6 +213,15 @@ def test_data_aware_and_plain_norms_are_both_honest(trained, data_aware):
     check_honest(model, loss_fn, estimate(model, loss_fn, eps, data_aware=data_aware), eps)
 
 
+def test_estimated_gptq_statistics_keep_the_search_honest(trained, monkeypatch):
+    from mdlgrok.complexity import search
+
+    monkeypatch.setattr(search, "ESTIMATE_FROM", 0)  # every matrix counts as large: estimates between bins
+    model, _, loss_fn, _, _ = trained
+    eps = [0.25, 1.0]
+    check_honest(model, loss_fn, estimate(model, loss_fn, eps), eps)
+
+
 def test_data_aware_search_reads_moments_of_the_linear_layers(trained, monkeypatch):
     estimate_module = sys.modules["mdlgrok.complexity.estimate"]  # the package exports the function of that name
     seen = []

@@ -38,10 +38,10 @@ from mdlgrok.complexity.coarse import (
     bin_index,
     dense_entry,
     factors,
+    gptq_codes,
     lowrank_entry,
     quantize,
     raw_entry,
-    round_rows,
     to_fourier,
     zero_entry,
 )
@@ -50,6 +50,9 @@ from mdlgrok.complexity.payload import Entry, bin_width, entry_tensor, matrix_sh
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
 BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
+EXACT_STRIDE = 8  # GPTQ's bits and errors computed on every 8th bin (a factor 2 apart), estimated between,
+LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2 bits a weight,
+ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
 SHRINKAGE = (0.0, 0.25, 0.5)  # exponents beta tried for the sensitivities
@@ -167,20 +170,65 @@ def _dense_options(t: Target) -> list[Option]:
     for f in _fouriers(t):
         w = to_fourier(t.w.reshape(matrix_shape(t.coded_shape)), f)
         js = list(_bin_range(float(np.abs(w).max())))
-        for j, codes, err in zip(js, *_rounded(t, w, js)):
-            if codes.any():  # an orthonormal map of the rows: the error is the same in either basis
-                out.append(Option("dense", empirical_bits(codes) + MODEL_BITS, float(err.sum()), j=j, fourier=f))
+        for j, (bits, err, nonzero) in zip(js, _bin_stats(t, w, js, empirical_bits)):
+            if nonzero:  # an orthonormal map of the rows: the error is the same in either basis
+                out.append(Option("dense", bits + MODEL_BITS, float(err.sum()), j=j, fourier=f))
     return out
 
 
-def _rounded(t: Target, x: np.ndarray, js: list[int]):
-    """Codes of matrix x for every bin in js (coarse.round_rows), and each row's squared error
-    (in t's H-norm where t.h is known): ((len(js), m, n) codes, (len(js), m) errors)."""
-    if not js:
-        return np.zeros((0, *x.shape), np.int64), np.zeros((0, len(x)))
-    codes = round_rows(t, x, js)
-    d = codes * np.array([bin_width(j) for j in js])[:, None, None] - x
-    return codes, (d**2).sum(2) if t.h is None else ((d @ t.h) * d).sum(2)
+def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
+    """For every bin in js: (bits_of(codes), each row's squared error, whether any code is non-zero),
+    for the codes of matrix x that coarse.round_rows gives.
+
+    Rounding to nearest costs O(mn) a bin, GPTQ (where t.h is known) O(mn^2). So GPTQ runs on
+    every EXACT_STRIDE-th bin and on every bin of low rate (where GPTQ's codes and those of
+    rounding to nearest part: most codes zero); between them its bits and errors are estimated:
+    those of rounding to nearest (the error in the diagonal of H, as for independent errors),
+    times the ratios GPTQ / nearest at the two exact bins around, interpolated in log. Only
+    the options' ranking uses the estimates: an option's entry is always rounded exactly."""
+    if t.h is not None and x.size < ESTIMATE_FROM:
+        return _gptq_stats(t, x, js, bits_of)
+    near = [_nearest_stats(t, x, j, bits_of) for j in js]
+    if t.h is None or not js:
+        return near
+    low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * x.size]
+    exact_at = sorted({*range(0, len(js), EXACT_STRIDE), len(js) - 1, *low_rate})
+    exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
+    ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
+    out = []
+    for i, (bits, err, nonzero) in enumerate(near):
+        if i in exact:
+            out.append(exact[i])
+            continue
+        lo, hi = max(e for e in exact_at if e < i), min(e for e in exact_at if e > i)
+        w = (i - lo) / (hi - lo)
+        scale = [np.exp((1 - w) * np.log(a) + w * np.log(b)) for a, b in zip(ratios[lo], ratios[hi])]
+        out.append((bits * scale[0], err * scale[1], nonzero))
+    return out
+
+
+def _nearest_stats(t: Target, x: np.ndarray, j: int, bits_of) -> tuple:
+    codes = quantize(x, j)
+    d2 = (codes * bin_width(j) - x) ** 2
+    return bits_of(codes), (d2 if t.h is None else d2 * np.diag(t.h)).sum(1), bool(codes.any())
+
+
+def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, chunk: int = 8) -> list[tuple]:
+    """(bits, row errors in the H-norm, any non-zero) of GPTQ's codes on every bin in js, a few
+    bins at a time (one GPTQ pass rounds them all)."""
+    out = []
+    for lo in range(0, len(js), chunk):
+        part = js[lo : lo + chunk]
+        codes, errors = gptq_codes(x, part, t.whitened()[4], errors=True)
+        out += [(bits_of(c), e, bool(c.any())) for c, e in zip(codes, errors)]
+    return out
+
+
+def _ratio(exact, near):
+    """exact / near, elementwise, 1 where either is 0 (nothing to scale)."""
+    exact, near = np.asarray(exact, np.float64), np.asarray(near, np.float64)
+    ok = (exact > 0) & (near > 0)
+    return np.where(ok, exact / np.where(ok, near, 1.0), 1.0)
 
 
 def _lowrank_options(t: Target) -> list[Option]:
@@ -200,8 +248,7 @@ def _lowrank_options(t: Target) -> list[Option]:
     fa = {f: to_fourier(a, f) for f in _fouriers(t)}  # A's rows in either basis (orthonormal: same error)
     js = list(_bin_range(max(*(float(np.abs(x).max()) for x in fa.values()), float(np.abs(b).max()))))
     out = []
-    for j, qb, db2 in zip(js, *_rounded(t, b, js)):
-        b_bits = _prefix_bits(qb, idx)
+    for j, (b_bits, db2, _) in zip(js, _bin_stats(t, b, js, lambda q: _prefix_bits(q, idx))):
         for f, af in fa.items():
             qa = quantize(af, j)
             da2 = ((qa * bin_width(j) - af) ** 2).sum(0)

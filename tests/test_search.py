@@ -1,0 +1,60 @@
+"""The search's option statistics: GPTQ's bits and errors, exact on small matrices and on the
+bins it rounds, estimated between them on large ones."""
+
+import numpy as np
+import pytest
+import torch
+
+from mdlgrok.complexity import search
+from mdlgrok.complexity.coarse import gptq_codes, targets_of
+from mdlgrok.complexity.codecs import empirical_bits
+from mdlgrok.complexity.payload import matrix_shape
+
+
+def correlated_target(m: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(600, 4)) @ rng.normal(size=(4, n)) + 0.1 * rng.normal(size=(600, n))
+    h = x.T @ x / len(x)
+    return targets_of({"w": torch.from_numpy(rng.laplace(size=(m, n)))}, moments={"w": h / (np.trace(h) / n)})[0]
+
+
+def exact_stats(t, js):
+    w = t.w.reshape(matrix_shape(t.coded_shape))
+    codes, errors = gptq_codes(w, js, t.whitened()[4], errors=True)
+    return [(empirical_bits(c), e, bool(c.any())) for c, e in zip(codes, errors)]
+
+
+def bins_of(t):
+    return list(search._bin_range(float(np.abs(t.w).max())))
+
+
+def test_a_small_matrix_gets_gptqs_exact_statistics_on_every_bin():
+    t = correlated_target(16, 24)
+    js = bins_of(t)
+    got = search._bin_stats(t, t.w.reshape(16, 24), js, empirical_bits)
+    for (bits, err, nonzero), (b, e, z) in zip(got, exact_stats(t, js)):
+        assert bits == b and nonzero == z
+        np.testing.assert_allclose(err, e, rtol=1e-12)
+
+
+def test_a_large_matrix_gets_exact_statistics_on_some_bins_and_close_estimates_between(monkeypatch):
+    monkeypatch.setattr(search, "ESTIMATE_FROM", 0)  # this matrix counts as large
+    t = correlated_target(48, 64, seed=3)
+    js = bins_of(t)
+    got = search._bin_stats(t, t.w.reshape(48, 64), js, empirical_bits)
+    exact = exact_stats(t, js)
+    same = [i for i, (g, e) in enumerate(zip(got, exact)) if g[0] == e[0] and np.array_equal(g[1], e[1])]
+    assert 0 in same and len(js) - 1 in same and len(same) < len(js)  # some bins estimated
+    assert all(i in same for i in range(0, len(js), search.EXACT_STRIDE))
+    for (bits, err, _), (b, e, _) in zip(got, exact):
+        assert bits == pytest.approx(b, rel=0.05)  # above 2 bits a weight: the estimates hold
+        assert err.sum() == pytest.approx(e.sum(), rel=0.2)
+
+
+def test_without_moments_the_statistics_are_those_of_rounding_to_nearest():
+    t = targets_of({"w": torch.randn(6, 7, dtype=torch.float64)})[0]
+    js = bins_of(t)
+    for j, (bits, err, nonzero) in zip(js, search._bin_stats(t, t.w.reshape(6, 7), js, empirical_bits)):
+        codes = search.quantize(t.w.reshape(6, 7), j)
+        assert bits == empirical_bits(codes) and nonzero == bool(codes.any())
+        np.testing.assert_allclose(err, ((codes * search.bin_width(j) - t.w.reshape(6, 7)) ** 2).sum(1))
