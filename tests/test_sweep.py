@@ -639,3 +639,16 @@ def test_an_option_switched_on_stays_a_column_even_when_every_run_shares_it():
     table = with_configs(rows.reindex(columns=MEASURE_COLUMNS), configs)
     assert (table.subset == 400).all()  # the same D' for all: still a column (analysis reads n from it)
     assert "init_scale" not in table and "lr" not in table  # off, or unchanged, options stay out
+
+
+def test_each_ungrokking_seed_starts_from_the_grokfast_run_of_its_seed():
+    parents = {
+        run_key(c): c
+        for c in expand(EXPERIMENTS / "grokfast.toml")
+        if c.preset == "wd" and c.grad_filter == "none" and c.lr == 1e-3
+    }
+    children = expand(EXPERIMENTS / "ungrokking.toml")
+    assert {c.seed for c in children} == {0, 1, 2}
+    for c in children:
+        parent = parents[Path(c.init_from).name]
+        assert parent.seed == c.seed and Path(c.init_from).parent.name == "grokfast"
