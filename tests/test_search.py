@@ -58,3 +58,15 @@ def test_without_moments_the_statistics_are_those_of_rounding_to_nearest():
         codes = search.quantize(t.w.reshape(6, 7), j)
         assert bits == empirical_bits(codes) and nonzero == bool(codes.any())
         np.testing.assert_allclose(err, ((codes * search.bin_width(j) - t.w.reshape(6, 7)) ** 2).sum(1))
+
+
+def test_a_row_sample_estimates_gptqs_statistics_of_the_whole_matrix(monkeypatch):
+    monkeypatch.setattr(search, "ESTIMATE_FROM", 0)
+    monkeypatch.setattr(search, "SAMPLE_ROWS", 48)  # of 96 rows
+    t = correlated_target(96, 64, seed=5)
+    js = bins_of(t)
+    got = search._bin_stats(t, t.w.reshape(96, 64), js, empirical_bits, sample=True)
+    for (bits, err, _), (b, e, _) in zip(got, exact_stats(t, js)):
+        if b > 2 * t.w.size:  # above 2 bits a weight; below, the ranking tolerates a rougher guess
+            assert bits == pytest.approx(b, rel=0.05)
+        assert err.sum() == pytest.approx(e.sum(), rel=0.25)

@@ -53,6 +53,7 @@ BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
 EXACT_STRIDE = 8  # GPTQ's bits and errors computed on every 8th bin (a factor 2 apart), estimated between,
 LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2 bits a weight,
 ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
+SAMPLE_ROWS = 256  # dense options of a larger matrix: GPTQ's statistics from this many of its rows
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
 SHRINKAGE = (0.0, 0.25, 0.5)  # exponents beta tried for the sensitivities
@@ -170,13 +171,13 @@ def _dense_options(t: Target) -> list[Option]:
     for f in _fouriers(t):
         w = to_fourier(t.w.reshape(matrix_shape(t.coded_shape)), f)
         js = list(_bin_range(float(np.abs(w).max())))
-        for j, (bits, err, nonzero) in zip(js, _bin_stats(t, w, js, empirical_bits)):
+        for j, (bits, err, nonzero) in zip(js, _bin_stats(t, w, js, empirical_bits, sample=True)):
             if nonzero:  # an orthonormal map of the rows: the error is the same in either basis
                 out.append(Option("dense", bits + MODEL_BITS, float(err.sum()), j=j, fourier=f))
     return out
 
 
-def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
+def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = False) -> list[tuple]:
     """For every bin in js: (bits_of(codes), each row's squared error, whether any code is non-zero),
     for the codes of matrix x that coarse.round_rows gives.
 
@@ -184,8 +185,10 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
     every EXACT_STRIDE-th bin and on every bin of low rate (where GPTQ's codes and those of
     rounding to nearest part: most codes zero); between them its bits and errors are estimated:
     those of rounding to nearest (the error in the diagonal of H, as for independent errors),
-    times the ratios GPTQ / nearest at the two exact bins around, interpolated in log. Only
-    the options' ranking uses the estimates: an option's entry is always rounded exactly."""
+    times the ratios GPTQ / nearest at the two exact bins around, interpolated in log. With
+    `sample` (bits that add over rows), GPTQ rounds a seeded sample of SAMPLE_ROWS rows only
+    (it rounds rows independently; see _from_sample). Only the options' ranking
+    uses the estimates: an option's entry is always rounded exactly."""
     if t.h is not None and x.size < ESTIMATE_FROM:
         return _gptq_stats(t, x, js, bits_of)
     near = [_nearest_stats(t, x, j, bits_of) for j in js]
@@ -193,18 +196,38 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
         return near
     low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * x.size]
     exact_at = sorted({*range(0, len(js), EXACT_STRIDE), len(js) - 1, *low_rate})
-    exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
-    ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
+    rows = np.sort(np.random.default_rng(0).choice(len(x), SAMPLE_ROWS, replace=False)) if sample else None
+    if rows is None or len(x) <= SAMPLE_ROWS:
+        exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
+        ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
+    else:
+        part = zip(exact_at, _gptq_stats(t, x[rows], [js[i] for i in exact_at], bits_of))
+        exact = {i: _from_sample(t, x[rows], js[i], bits_of, stats, near[i], i in low_rate) for i, stats in part}
+        ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
     out = []
     for i, (bits, err, nonzero) in enumerate(near):
         if i in exact:
             out.append(exact[i])
             continue
-        lo, hi = max(e for e in exact_at if e < i), min(e for e in exact_at if e > i)
-        w = (i - lo) / (hi - lo)
+        lo, hi = max(e for e in exact_at if e <= i), min(e for e in exact_at if e >= i)
+        w = (i - lo) / (hi - lo) if hi > lo else 0.0
         scale = [np.exp((1 - w) * np.log(a) + w * np.log(b)) for a, b in zip(ratios[lo], ratios[hi])]
         out.append((bits * scale[0], err * scale[1], nonzero))
     return out
+
+
+def _from_sample(t: Target, rows: np.ndarray, j: int, bits_of, gptq: tuple, near: tuple, low_rate: bool) -> tuple:
+    """GPTQ's statistics of the whole matrix on bin j from those of a sample of its rows: at low
+    rate the sample's, scaled up by rows (where rounding to nearest leaves next to nothing to
+    scale); above it those of rounding the whole matrix to nearest, times the sample's ratios
+    GPTQ / nearest (a sample's histogram of many values underestimates their entropy)."""
+    bits, err, nonzero = gptq
+    if low_rate:
+        factor, rows_err = len(near[1]) / len(rows), near[1]
+        share = rows_err / rows_err.sum() if rows_err.sum() > 0 else np.full(len(rows_err), 1 / len(rows_err))
+        return bits * factor, err.sum() * factor * share, nonzero or near[2]
+    sample_bits, sample_err, _ = _nearest_stats(t, rows, j, bits_of)
+    return near[0] * _ratio(bits, sample_bits), near[1] * _ratio(err.sum(), sample_err.sum()), near[2]
 
 
 def _nearest_stats(t: Target, x: np.ndarray, j: int, bits_of) -> tuple:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from mdlgrok.complexity import payload
 from mdlgrok.tasks import OPERATIONS, is_prime
 from mdlgrok.training.objective import cross_entropy
 
@@ -41,15 +42,8 @@ EXPLAINED = 0.85  # share of a neuron's variance one frequency must hold (Nanda 
 
 
 def fourier_basis(n: int) -> torch.Tensor:
-    """(n, n) orthonormal real Fourier basis, rows as above (float64)."""
-    x = torch.arange(n, dtype=torch.float64)
-    rows = [torch.ones(n, dtype=torch.float64)]
-    for k in range(1, (n - 1) // 2 + 1):
-        rows += [torch.cos(2 * math.pi * k * x / n), torch.sin(2 * math.pi * k * x / n)]
-    if n % 2 == 0:
-        rows.append(torch.cos(math.pi * x))
-    basis = torch.stack(rows)
-    return basis / basis.norm(dim=1, keepdim=True)
+    """(n, n) orthonormal real Fourier basis, rows as above (float64): the estimator's Fourier rows."""
+    return torch.from_numpy(payload.fourier_basis(n).copy())
 
 
 def frequency_rows(n: int) -> list[list[int]]:
