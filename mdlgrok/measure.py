@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import pandas as pd
@@ -91,7 +91,7 @@ def measure_run(
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     todo = run.checkpoints() if again else missing_checkpoints(run, cfg)
-    new: list[pd.DataFrame] = []  # each checkpoint's rows are written as it finishes: a stop loses one
+    new: list[pd.DataFrame] = []  # each checkpoint's rows are written as it finishes: a stop loses those in flight
     if jobs == 1 or len(todo) < 2:
         for i, path in enumerate(todo):
             new.append(run.add_measures(measure_checkpoint(str(path), cfg)))  # in-process: caller's threads
@@ -99,10 +99,14 @@ def measure_run(
     else:
         workers = min(jobs, len(todo))
         with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(measure_checkpoint, str(p), cfg, threads_per_worker(workers)) for p in todo]
-            for i, (path, fut) in enumerate(zip(todo, futures)):
-                new.append(run.add_measures(fut.result()))
-                _progress(progress, i + 1, len(todo), path)
+            futures = {pool.submit(measure_checkpoint, str(p), cfg, threads_per_worker(workers)): p for p in todo}
+            try:
+                for i, fut in enumerate(as_completed(futures)):  # written in the order they finish
+                    new.append(run.add_measures(fut.result()))
+                    _progress(progress, i + 1, len(todo), futures[fut])
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the checkpoints not started yet are left for next time
+                raise
     return pd.concat(new, ignore_index=True) if new else run.add_measures([])
 
 

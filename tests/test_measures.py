@@ -86,7 +86,7 @@ def test_the_label_sits_at_coordinate_i_plus_sign_j(task, p):
     assert torch.equal(group.coordinate_of(p)[group.residues], torch.arange(group.n))
 
 
-def test_no_coordinates_where_the_group_is_not_cyclic_or_not_there():
+def test_no_coordinates_for_mul_mod_a_composite_or_other_tasks():
     assert fourier.coordinates("mul", 9) is None and fourier.coordinates("sq", 11) is None
     assert fourier.coordinates("sub", 9).n == 9
 

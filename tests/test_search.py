@@ -47,7 +47,7 @@ def test_a_large_matrix_gets_exact_statistics_on_some_bins_and_close_estimates_b
     assert 0 in same and len(js) - 1 in same and len(same) < len(js)  # some bins estimated
     assert all(i in same for i in range(0, len(js), search.EXACT_STRIDE))
     for (bits, err, _), (b, e, _) in zip(got, exact):
-        assert bits == pytest.approx(b, rel=0.05)  # above 2 bits a weight: the estimates hold
+        assert bits == pytest.approx(b, rel=0.05)  # estimated above 2 bits a weight, exact below
         assert err.sum() == pytest.approx(e.sum(), rel=0.2)
 
 
@@ -70,3 +70,13 @@ def test_a_row_sample_estimates_gptqs_statistics_of_the_whole_matrix(monkeypatch
         if b > 2 * t.w.size:  # above 2 bits a weight; below, the ranking tolerates a rougher guess
             assert bits == pytest.approx(b, rel=0.05)
         assert err.sum() == pytest.approx(e.sum(), rel=0.25)
+
+
+def test_a_matrix_of_fewer_rows_than_the_sample_is_rounded_whole(monkeypatch):
+    monkeypatch.setattr(search, "ESTIMATE_FROM", 0)
+    t = correlated_target(12, 64, seed=7)  # fewer rows than SAMPLE_ROWS
+    js = bins_of(t)
+    whole = search._bin_stats(t, t.w.reshape(12, 64), js, empirical_bits)
+    sampled = search._bin_stats(t, t.w.reshape(12, 64), js, empirical_bits, sample=True)
+    for (b1, e1, z1), (b2, e2, z2) in zip(whole, sampled):
+        assert b1 == b2 and z1 == z2 and np.array_equal(e1, e2)

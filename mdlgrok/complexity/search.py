@@ -196,38 +196,43 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
         return near
     low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * x.size]
     exact_at = sorted({*range(0, len(js), EXACT_STRIDE), len(js) - 1, *low_rate})
-    rows = np.sort(np.random.default_rng(0).choice(len(x), SAMPLE_ROWS, replace=False)) if sample else None
-    if rows is None or len(x) <= SAMPLE_ROWS:
-        exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
-        ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
+    if sample and len(x) > SAMPLE_ROWS:
+        rows = x[np.sort(np.random.default_rng(0).choice(len(x), SAMPLE_ROWS, replace=False))]
+        part = zip(exact_at, _gptq_stats(t, rows, [js[i] for i in exact_at], bits_of))
+        exact = {i: _from_sample(t, rows, js[i], bits_of, stats, near[i], i in low_rate) for i, stats in part}
     else:
-        part = zip(exact_at, _gptq_stats(t, x[rows], [js[i] for i in exact_at], bits_of))
-        exact = {i: _from_sample(t, x[rows], js[i], bits_of, stats, near[i], i in low_rate) for i, stats in part}
-        ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
+        exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
+    ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
     out = []
     for i, (bits, err, nonzero) in enumerate(near):
         if i in exact:
             out.append(exact[i])
             continue
-        lo, hi = max(e for e in exact_at if e <= i), min(e for e in exact_at if e >= i)
-        w = (i - lo) / (hi - lo) if hi > lo else 0.0
+        lo, hi = max(e for e in exact_at if e < i), min(e for e in exact_at if e > i)  # bins 0 and last are exact
+        w = (i - lo) / (hi - lo)
         scale = [np.exp((1 - w) * np.log(a) + w * np.log(b)) for a, b in zip(ratios[lo], ratios[hi])]
         out.append((bits * scale[0], err * scale[1], nonzero))
     return out
 
 
-def _from_sample(t: Target, rows: np.ndarray, j: int, bits_of, gptq: tuple, near: tuple, low_rate: bool) -> tuple:
-    """GPTQ's statistics of the whole matrix on bin j from those of a sample of its rows: at low
-    rate the sample's, scaled up by rows (where rounding to nearest leaves next to nothing to
-    scale); above it those of rounding the whole matrix to nearest, times the sample's ratios
-    GPTQ / nearest (a sample's histogram of many values underestimates their entropy)."""
+def _from_sample(t: Target, sample: np.ndarray, j: int, bits_of, gptq: tuple, near: tuple, low_rate: bool) -> tuple:
+    """GPTQ's statistics of the whole matrix on bin j from those (`gptq`) of a sample of its rows:
+    at low rate the sample's, scaled up by rows (where rounding to nearest leaves next to nothing
+    to scale), the error spread over the rows as rounding to nearest spreads it; above it those
+    of rounding the whole matrix to nearest (`near`), times the sample's ratios GPTQ / nearest
+    (a small sample's histogram of many values underestimates their entropy)."""
     bits, err, nonzero = gptq
+    near_bits, near_err, near_nonzero = near
     if low_rate:
-        factor, rows_err = len(near[1]) / len(rows), near[1]
-        share = rows_err / rows_err.sum() if rows_err.sum() > 0 else np.full(len(rows_err), 1 / len(rows_err))
-        return bits * factor, err.sum() * factor * share, nonzero or near[2]
-    sample_bits, sample_err, _ = _nearest_stats(t, rows, j, bits_of)
-    return near[0] * _ratio(bits, sample_bits), near[1] * _ratio(err.sum(), sample_err.sum()), near[2]
+        factor = len(near_err) / len(sample)
+        share = near_err / near_err.sum() if near_err.sum() > 0 else np.full(len(near_err), 1 / len(near_err))
+        return bits * factor, err.sum() * factor * share, nonzero or near_nonzero
+    sample_bits, sample_err, _ = _nearest_stats(t, sample, j, bits_of)
+    return (
+        near_bits * _ratio(bits, sample_bits),
+        near_err * _ratio(err.sum(), sample_err.sum()),
+        nonzero or near_nonzero,
+    )
 
 
 def _nearest_stats(t: Target, x: np.ndarray, j: int, bits_of) -> tuple:
@@ -236,9 +241,9 @@ def _nearest_stats(t: Target, x: np.ndarray, j: int, bits_of) -> tuple:
     return bits_of(codes), (d2 if t.h is None else d2 * np.diag(t.h)).sum(1), bool(codes.any())
 
 
-def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, chunk: int = 8) -> list[tuple]:
-    """(bits, row errors in the H-norm, any non-zero) of GPTQ's codes on every bin in js, a few
-    bins at a time (one GPTQ pass rounds them all)."""
+def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, chunk: int = 16) -> list[tuple]:
+    """(bits, row errors in the H-norm, any non-zero) of GPTQ's codes on every bin in js, in
+    chunks of bins as coarse.round_rows rounds them (one GPTQ pass rounds a chunk)."""
     out = []
     for lo in range(0, len(js), chunk):
         part = js[lo : lo + chunk]

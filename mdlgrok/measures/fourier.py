@@ -37,6 +37,8 @@ from mdlgrok.complexity import payload
 from mdlgrok.tasks import OPERATIONS, is_prime
 from mdlgrok.training.objective import cross_entropy
 
+# Version 1 throughout: for add the coordinates are the residues and the basis that of odd n, so
+# its rows are what they were when the measure covered add alone.
 NAME, VERSION, OPTIONS = "fourier", "1", json.dumps({"explained": 0.85})
 EXPLAINED = 0.85  # share of a neuron's variance one frequency must hold (Nanda et al.)
 
@@ -76,7 +78,7 @@ def primitive_root(p: int) -> int:
 
 def coordinates(task: str, p: int) -> CyclicCoordinates | None:
     """The cyclic coordinates of a modular task, or None where it has none (other tasks, mul or div
-    mod a composite)."""
+    mod a composite, p < 3)."""
     sign = {"add": 1, "sub": -1, "mul": 1, "div": -1}.get(task)
     if sign is None or p < 3:
         return None
