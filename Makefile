@@ -93,6 +93,13 @@ results/estimator/bench_demo.parquet: | $(VENV_OK)
 	test -f runs/demo/status.json || $(MAKE) demo
 	$(PY) benchmarks/bench_estimator.py runs/demo --epochs 86 247 600 --out $@
 
+# The same across the whole fall of two runs (add and mul, "ours", seed 0 of rise_and_fall), with
+# the worst ratio: checkpoints from memorization (86) through grokking to the end (600).
+results/estimator/bench_fall.parquet: experiments/rise_and_fall.toml | $(VENV_OK)
+	$(PY) -m mdlgrok sweep $< --jobs $(JOBS) --length cpu --root runs/cpu
+	$(PY) benchmarks/bench_estimator.py runs/cpu/rise_and_fall/add-ours-s0-* runs/cpu/rise_and_fall/mul-ours-s0-* \
+		--epochs 86 190 247 321 417 600 --out $@
+
 # Generalization bounds from the shortest descriptions of the grokked rise_and_fall add runs (their
 # checkpoints: the sweep trains what runs/ lacks and skips the complete runs).
 results/estimator/bounds.csv: experiments/rise_and_fall.toml | $(VENV_OK)
@@ -102,7 +109,8 @@ results/estimator/bounds.csv: experiments/rise_and_fall.toml | $(VENV_OK)
 figures: $(VENV_OK)
 	$(PY) -m mdlgrok figures --results results
 
-reproduce: $(foreach e,$(EXPERIMENTS),results/$(e)/table.parquet) results/estimator/bench_demo.parquet results/estimator/bounds.csv
+reproduce: $(foreach e,$(EXPERIMENTS),results/$(e)/table.parquet) results/estimator/bench_demo.parquet \
+		results/estimator/bench_fall.parquet results/estimator/bounds.csv
 	$(MAKE) figures
 
 clean:

@@ -67,14 +67,17 @@ def final_by_eps(final: pd.DataFrame, path: str | Path, hue: str | None = None) 
 
 
 def estimator_comparison(bench: pd.DataFrame, path: str | Path) -> list[Path]:
-    """Bytes of mdlgrok's search and the paper's on the same checkpoints, per eps."""
+    """Bytes of mdlgrok's search and the paper's on the same checkpoints, per eps (a row per run
+    where the benchmark covers several)."""
     sns.set_theme(style="whitegrid", context="paper")
+    several = "run" in bench and bench.run.nunique() > 1
     grid = sns.catplot(
         bench,
         x="eps",
         y="bytes",
         hue="mode",
         col="epoch",
+        row="run" if several else None,
         kind="bar",
         height=3,
         aspect=1.1,

@@ -1,0 +1,47 @@
+"""The estimator benchmark against the paper's search: its table, its worst ratio, its figure,
+on tiny runs (add mod 7)."""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import tiny_config
+
+from mdlgrok.figures import draw_estimator
+from mdlgrok.training import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_estimator  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    for seed in (0, 1):
+        train(tiny_config(epochs=2, seed=seed), root / f"add-s{seed}", progress=False)
+    return root
+
+
+def bench(monkeypatch, *args) -> int:
+    monkeypatch.setattr(sys, "argv", ["bench_estimator.py", *map(str, args)])
+    return bench_estimator.main()
+
+
+def test_several_runs_give_one_table_with_the_worst_ratio(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.parquet"
+    assert bench(monkeypatch, runs / "add-s0", runs / "add-s1", "--epochs", 2, "--eps", 2.0, "--out", out) == 0
+    table = pd.read_parquet(out)
+    assert set(table.run) == {"add-s0", "add-s1"} and set(table["mode"]) == {"mdlgrok", "paper"}
+    assert len(table) == 4 and set(table.epoch) == {2}
+    ratios = table.pivot_table(index="run", columns="mode", values="bytes")
+    worst = (ratios.mdlgrok / ratios.paper).max()
+    assert f"worst ratio mdlgrok/paper: {worst:.3f}" in capsys.readouterr().out
+    figures = draw_estimator(out)
+    assert all(p.exists() for p in figures)
+
+
+def test_a_missing_checkpoint_is_one_line_and_status_2(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.parquet"
+    assert bench(monkeypatch, runs / "add-s0", "--epochs", 5, "--out", out) == 2
+    assert "lacks checkpoints [5]" in capsys.readouterr().err and not out.exists()
