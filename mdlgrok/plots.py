@@ -84,6 +84,7 @@ def estimator_comparison(bench: pd.DataFrame, path: str | Path) -> list[Path]:
         order=sorted(bench.eps.unique(), reverse=True),
     )
     grid.set(yscale="log")
+    grid.set_titles("{row_name}\nepoch {col_name}" if several else "epoch {col_name}")
     return save(grid.figure, path)
 
 
