@@ -356,6 +356,7 @@ def paper_numbers(table: pd.DataFrame, eps: float = EPS_MAIN) -> pd.DataFrame:
             "run_id": run_id,
             "task": first.task,
             "setting": first.setting,
+            "preset": first.preset,
             "seed": first.seed,
             "epochs": int(g.epoch.max()),
             "peak_bytes": comp.get("peak_bytes"),

@@ -115,6 +115,7 @@ def test_paper_numbers_read_the_curve_at_the_papers_epochs():
     assert (out.bytes_at_917, out.bytes_at_2015, out.bytes_at_9727) == (37.5e3, 30e3, 25e3)
     assert out.grokking_epoch == 917 and out.final_bytes == 190e3 / 8
     assert out.naive_over_final == pytest.approx(8e6 / 190e3)
+    assert (out.task, out.preset, out.seed) == ("add", "ours", 0)
 
 
 def test_literature_checks_read_the_shapes_off_the_curves():

@@ -41,8 +41,8 @@ def test_paper_length_tables_match_the_committed_paper_numbers():
         rows = re.findall(r"^\| (add|mul|sub|div), (ours|none) \| ([\d,]+) \((\d+)\) \|(.*)\|$", section, re.M)
         numbers = pd.read_csv(ROOT / "results" / "paper" / experiment / "paper_numbers.csv")
         assert len(rows) == len(numbers) > 0, experiment
-        for task, setting, peak, peak_epoch, rest in rows:
-            run = numbers[(numbers.task == task) & (numbers.setting == setting)].iloc[0]
+        for task, preset, peak, peak_epoch, rest in rows:
+            run = numbers[(numbers.task == task) & (numbers.preset == preset)].iloc[0]
             at917, at2015, at9727, ratio, grok, acc, naive = (c.strip() for c in rest.split("|")[:7])
             assert _number(peak) == run.peak_bytes and int(peak_epoch) == run.peak_epoch
             at = [_number(x) for x in (at917, at2015, at9727)]
