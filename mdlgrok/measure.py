@@ -25,7 +25,7 @@ import torch
 from mdlgrok import mdl
 from mdlgrok.config import MeasureConfig
 from mdlgrok.measures import MEASURES
-from mdlgrok.runs import RunDir, checkpoint_epoch, model_from_checkpoint
+from mdlgrok.runs import MEASURE_COLUMNS, RunDir, checkpoint_epoch, model_from_checkpoint, rows_to_frame
 
 
 def available_cores() -> int:
@@ -107,7 +107,7 @@ def measure_run(
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # the checkpoints not started yet are left for next time
                 raise
-    return pd.concat(new, ignore_index=True) if new else run.add_measures([])
+    return pd.concat(new, ignore_index=True) if new else rows_to_frame([], MEASURE_COLUMNS)  # nothing to write
 
 
 def checkpoint_hook(cfg: MeasureConfig):

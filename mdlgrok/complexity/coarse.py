@@ -188,12 +188,12 @@ def to_fourier(x: np.ndarray, f: int) -> np.ndarray:
     return np.concatenate([fourier_basis(f) @ x[:f], x[f:]])
 
 
-def round_rows(t: Target, x: np.ndarray, js, chunk: int = 16) -> np.ndarray:
+def round_rows(t: Target, x: np.ndarray, js) -> np.ndarray:
     """Integer codes of matrix x (t's matrix or its factor B) on every bin in js: (len(js), m, n);
-    rounded to nearest, or with error feedback in the H-norm where t.h is known (chunks of bins)."""
+    rounded to nearest, or with error feedback in the H-norm where t.h is known."""
     if t.h is None:
         return np.stack([quantize(x, j) for j in js])
-    return np.concatenate([gptq_codes(x, js[i : i + chunk], t.whitened()[4]) for i in range(0, len(js), chunk)])
+    return gptq_codes(x, js, t.whitened()[4])
 
 
 def dense_codes(t: Target, j: int, fourier: int = 0) -> np.ndarray:

@@ -242,8 +242,8 @@ def _nearest_stats(t: Target, x: np.ndarray, j: int, bits_of) -> tuple:
 
 
 def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, chunk: int = 16) -> list[tuple]:
-    """(bits, row errors in the H-norm, any non-zero) of GPTQ's codes on every bin in js, in
-    chunks of bins as coarse.round_rows rounds them (one GPTQ pass rounds a chunk)."""
+    """(bits, row errors in the H-norm, any non-zero) of GPTQ's codes on every bin in js, a chunk
+    of bins at a time (one GPTQ pass rounds a chunk; the chunk bounds its memory)."""
     out = []
     for lo in range(0, len(js), chunk):
         part = js[lo : lo + chunk]
