@@ -60,7 +60,7 @@ def test_without_moments_the_statistics_are_those_of_rounding_to_nearest():
         np.testing.assert_allclose(err, ((codes * search.bin_width(j) - t.w.reshape(6, 7)) ** 2).sum(1))
 
 
-def test_a_row_sample_estimates_gptqs_statistics_of_the_whole_matrix(monkeypatch):
+def test_a_row_sample_estimates_the_statistics_of_the_whole_matrix(monkeypatch):
     monkeypatch.setattr(search, "ESTIMATE_FROM", 0)
     monkeypatch.setattr(search, "SAMPLE_ROWS", 48)  # of 96 rows
     t = correlated_target(96, 64, seed=5)
@@ -80,3 +80,21 @@ def test_a_matrix_of_fewer_rows_than_the_sample_is_rounded_whole(monkeypatch):
     sampled = search._bin_stats(t, t.w.reshape(12, 64), js, empirical_bits, sample=True)
     for (b1, e1, z1), (b2, e2, z2) in zip(whole, sampled):
         assert b1 == b2 and z1 == z2 and np.array_equal(e1, e2)
+
+
+def test_the_row_sample_holds_enough_entries_for_the_entropy_of_fine_bins(monkeypatch):
+    monkeypatch.setattr(search, "ESTIMATE_FROM", 1000)
+    monkeypatch.setattr(search, "SAMPLE_ROWS", 8)
+    assert search._sample_size(np.zeros((500, 10))) == 100  # 100 rows of 10: 1,000 entries
+    assert search._sample_size(np.zeros((500, 1000))) == 8
+
+
+def test_sampled_statistics_see_the_non_zero_codes_of_rows_left_out(monkeypatch):
+    monkeypatch.setattr(search, "ESTIMATE_FROM", 0)
+    monkeypatch.setattr(search, "SAMPLE_ROWS", 2)
+    j = search.bin_index(1.0)
+    for row in range(20):  # one large entry in any row: most of them are outside the sample of 2
+        x = np.zeros((20, 4))
+        x[row, 1] = 1.0
+        t = targets_of({"w": torch.from_numpy(x)})[0]
+        assert search._bin_stats(t, x, [j], empirical_bits, sample=True)[0][2]

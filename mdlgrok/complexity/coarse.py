@@ -37,6 +37,7 @@ class Target:
     w: np.ndarray = field(init=False, repr=False)  # float64 flat copy of the coded rows (floating tensors)
     _svd: tuple | None = field(default=None, init=False, repr=False)
     _white: tuple | None = field(default=None, init=False, repr=False)
+    _fourier: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.w = self.coded().detach().double().numpy().reshape(-1) if self.quantizable else np.zeros(0)
@@ -92,7 +93,13 @@ class Target:
     def fourier(self) -> int:
         """How many leading rows to code as Fourier coefficients (0: none): the length, among
         the last FOURIER_TRIM + 1, whose coefficients have the smallest l1 norm, where that
-        norm (a proxy for the bits of their codes) is at most FOURIER_GAIN of the rows' own."""
+        norm (a proxy for the bits of their codes) is at most FOURIER_GAIN of the rows' own.
+        Computed once."""
+        if self._fourier is None:
+            self._fourier = self._best_fourier()
+        return self._fourier
+
+    def _best_fourier(self) -> int:
         m, _ = matrix_shape(self.coded_shape)
         if not self.is_matrix or m < FOURIER_MIN_ROWS:
             return 0

@@ -53,7 +53,7 @@ BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
 EXACT_STRIDE = 8  # GPTQ's bits and errors computed on every 8th bin (a factor 2 apart), estimated between,
 LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2 bits a weight,
 ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
-SAMPLE_ROWS = 256  # dense options of a larger matrix: GPTQ's statistics from this many of its rows
+SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more)
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
 SHRINKAGE = (0.0, 0.25, 0.5)  # exponents beta tried for the sensitivities
@@ -186,9 +186,11 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
     rounding to nearest part: most codes zero); between them its bits and errors are estimated:
     those of rounding to nearest (the error in the diagonal of H, as for independent errors),
     times the ratios GPTQ / nearest at the two exact bins around, interpolated in log. With
-    `sample` (bits that add over rows), GPTQ rounds a seeded sample of SAMPLE_ROWS rows only
-    (it rounds rows independently; see _from_sample). Only the options' ranking
-    uses the estimates: an option's entry is always rounded exactly."""
+    `sample` (bits that add over rows), a large matrix's statistics are those of a seeded sample
+    of its rows, scaled up (_sampled_stats). Only the options' ranking uses the estimates: an
+    option's entry is always rounded exactly."""
+    if sample and x.size >= ESTIMATE_FROM and len(x) > _sample_size(x):
+        return _sampled_stats(t, x, js, bits_of)
     if t.h is not None and x.size < ESTIMATE_FROM:
         return _gptq_stats(t, x, js, bits_of)
     near = [_nearest_stats(t, x, j, bits_of) for j in js]
@@ -196,12 +198,7 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
         return near
     low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * x.size]
     exact_at = sorted({*range(0, len(js), EXACT_STRIDE), len(js) - 1, *low_rate})
-    if sample and len(x) > SAMPLE_ROWS:
-        rows = x[np.sort(np.random.default_rng(0).choice(len(x), SAMPLE_ROWS, replace=False))]
-        part = zip(exact_at, _gptq_stats(t, rows, [js[i] for i in exact_at], bits_of))
-        exact = {i: _from_sample(t, rows, js[i], bits_of, stats, near[i], i in low_rate) for i, stats in part}
-    else:
-        exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
+    exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
     ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
     out = []
     for i, (bits, err, nonzero) in enumerate(near):
@@ -215,24 +212,23 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
     return out
 
 
-def _from_sample(t: Target, sample: np.ndarray, j: int, bits_of, gptq: tuple, near: tuple, low_rate: bool) -> tuple:
-    """GPTQ's statistics of the whole matrix on bin j from those (`gptq`) of a sample of its rows:
-    at low rate the sample's, scaled up by rows (where rounding to nearest leaves next to nothing
-    to scale), the error spread over the rows as rounding to nearest spreads it; above it those
-    of rounding the whole matrix to nearest (`near`), times the sample's ratios GPTQ / nearest
-    (a small sample's histogram of many values underestimates their entropy)."""
-    bits, err, nonzero = gptq
-    near_bits, near_err, near_nonzero = near
-    if low_rate:
-        factor = len(near_err) / len(sample)
-        share = near_err / near_err.sum() if near_err.sum() > 0 else np.full(len(near_err), 1 / len(near_err))
-        return bits * factor, err.sum() * factor * share, nonzero or near_nonzero
-    sample_bits, sample_err, _ = _nearest_stats(t, sample, j, bits_of)
-    return (
-        near_bits * _ratio(bits, sample_bits),
-        near_err * _ratio(err.sum(), sample_err.sum()),
-        nonzero or near_nonzero,
-    )
+def _sample_size(x: np.ndarray) -> int:
+    """Rows in the sample of a large matrix: SAMPLE_ROWS, and at least ESTIMATE_FROM entries (the
+    histogram of a small sample would underestimate the entropy of finely binned codes)."""
+    return max(SAMPLE_ROWS, -(-ESTIMATE_FROM // x.shape[1]))
+
+
+def _sampled_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
+    """_bin_stats of a large matrix from a seeded sample of its rows (both roundings round rows
+    independently): the sample's bits and errors times rows / sampled rows, the errors as one
+    total per sampled row; whether any code is non-zero is read off the whole matrix."""
+    rows = np.sort(np.random.default_rng(0).choice(len(x), _sample_size(x), replace=False))
+    factor = len(x) / len(rows)
+    amax = float(np.abs(x).max())
+    return [
+        (bits * factor, err * factor, nonzero or amax > bin_width(j) / 2)
+        for j, (bits, err, nonzero) in zip(js, _bin_stats(t, x[rows], js, bits_of))
+    ]
 
 
 def _nearest_stats(t: Target, x: np.ndarray, j: int, bits_of) -> tuple:
