@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 DEMO    := runs/demo
 
-EXPERIMENTS := rise_and_fall four_tasks regularizers gamma attention grokfast ungrokking datasize digits
+EXPERIMENTS := rise_and_fall four_tasks unregularized regularizers gamma attention grokfast ungrokking datasize digits
 # JOBS: parallel runs. results/<experiment>/ holds the length named cpu in its file (600 epochs for
 # the paper's figures, more for the phenomena), results/paper/<experiment>/ the paper's 10,000 epochs.
 JOBS        ?= 2

@@ -132,7 +132,7 @@ def test_unknown_length_is_rejected():
 
 
 def test_experiment_files_expand():
-    counts = {"rise_and_fall": 12, "four_tasks": 12, "regularizers": 9, "gamma": 15, "attention": 24}
+    counts = {"rise_and_fall": 12, "four_tasks": 12, "regularizers": 9, "gamma": 15, "attention": 24, "unregularized": 4}
     files = sorted(EXPERIMENTS.glob("*.toml"))
     assert {f.stem for f in files} >= set(counts)
     for f in files:
@@ -143,7 +143,7 @@ def test_experiment_files_expand():
         if "paper" in exp.lengths:  # the modular experiments; digits have no paper length
             assert {c.epochs for c in expand(f, "paper")} == {10_000}, f
         assert exp.measure is not None and exp.measure.estimator == "mdlgrok", f  # every experiment measures
-        if f.stem in counts:  # the paper's five: 600 epochs on CPU, the paper's seven eps
+        if f.stem in counts:  # the paper's figures: 600 epochs on CPU, the paper's seven eps
             assert len(cpu) == counts[f.stem], f
             assert {c.epochs for c in cpu} == {600}, f
             beside = ("llc", "fourier") if f.stem == "rise_and_fall" else ()  # the other measures, side by side
@@ -152,6 +152,13 @@ def test_experiment_files_expand():
     keys = {name: {run_key(c) for c in expand(EXPERIMENTS / f"{name}.toml")} for name in counts}
     assert len(keys["regularizers"] & keys["rise_and_fall"]) == 6 and len(keys["gamma"] & keys["rise_and_fall"]) == 3
     assert len(keys["attention"] & keys["rise_and_fall"]) == 12 and len(keys["four_tasks"] & keys["rise_and_fall"]) == 6
+    assert len(keys["unregularized"] & keys["rise_and_fall"]) == 2  # add and mul with "none", seed 0
+    assert {(c.task, c.layers, c.preset) for c in expand(EXPERIMENTS / "unregularized.toml")} == {
+        ("add", 1, "none"),
+        ("sub", 2, "none"),
+        ("mul", 1, "none"),
+        ("div", 2, "none"),
+    }
     four = expand(EXPERIMENTS / "four_tasks.toml")
     assert {(c.task, c.layers, c.frac, c.sigma) for c in four} == {
         ("add", 1, 0.2, 1e-2),
