@@ -132,7 +132,14 @@ def test_unknown_length_is_rejected():
 
 
 def test_experiment_files_expand():
-    counts = {"rise_and_fall": 12, "four_tasks": 12, "regularizers": 9, "gamma": 15, "attention": 24, "unregularized": 4}
+    counts = {
+        "rise_and_fall": 12,
+        "four_tasks": 12,
+        "regularizers": 9,
+        "gamma": 15,
+        "attention": 24,
+        "unregularized": 4,
+    }
     files = sorted(EXPERIMENTS.glob("*.toml"))
     assert {f.stem for f in files} >= set(counts)
     for f in files:
