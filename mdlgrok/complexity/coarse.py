@@ -161,31 +161,37 @@ def bin_index(delta: float) -> int:
     return int(round(BIN_STEPS * np.log2(delta)))
 
 
-def gptq_codes(x: np.ndarray, js, u: np.ndarray, block: int = 32, errors: bool = False):
+def gptq_codes(x: np.ndarray, js, u: np.ndarray, block: int = 64, errors: bool = False):
     """Integer codes of matrix x (m x n) on the grid of every bin in js: (len(js), m, n).
 
     Columns are rounded in order and each rounding error is spread over the later columns
     (GPTQ): the rows' error in the H-norm is what is kept small. u: upper Cholesky factor of
     H^-1. Rows are independent, so the first k rows' codes are those of x[:k] alone.
     With `errors`, also each row's squared error in the H-norm, (len(js), m): with E the scaled
-    rounding errors below, Q - X = -E U, and U H U^T = I, so (Q - X) H (Q - X)^T = E E^T."""
-    widths = np.array([bin_width(j) for j in js])[:, None, None]
-    xt = np.ascontiguousarray((x[None] / widths).transpose(0, 2, 1))  # in units of each bin; columns contiguous
-    n = xt.shape[1]
+    rounding errors below, Q - X = -E U, and U H U^T = I, so (Q - X) H (Q - X)^T = E E^T.
+
+    Within a block of columns, column i takes the feedback of the block's earlier errors when
+    it is rounded (one product); the later columns take the whole block's at once."""
+    widths = np.array([bin_width(j) for j in js])
+    xt = np.ascontiguousarray(x.T[:, None, :] / widths[None, :, None])  # (n, bins, m): column i is xt[i]
+    n, nb, m = xt.shape
     codes = np.empty(xt.shape, np.int64)
-    sq = np.zeros((xt.shape[0], xt.shape[2]))
+    sq = np.zeros((nb, m))
+    errs = np.empty((min(block, n), nb, m))
     for lo in range(0, n, block):
         hi = min(lo + block, n)
-        errs = np.empty((xt.shape[0], hi - lo, xt.shape[2]))
+        e = errs[: hi - lo]
         for i in range(lo, hi):
-            q = np.rint(xt[:, i])
-            codes[:, i] = q
-            errs[:, i - lo] = e = (xt[:, i] - q) / u[i, i]
-            xt[:, i + 1 : hi] -= u[i, i + 1 : hi, None] * e[:, None, :]
-        xt[:, hi:] -= u[lo:hi, hi:].T @ errs
-        sq += (errs**2).sum(1)
-    codes = codes.transpose(0, 2, 1)
-    return (codes, sq * widths[:, :, 0] ** 2) if errors else codes
+            k = i - lo
+            col = xt[i] - (u[lo:i, i] @ e[:k].reshape(k, -1)).reshape(nb, m) if k else xt[i]
+            q = np.rint(col)
+            codes[i] = q
+            e[k] = (col - q) / u[i, i]
+        if hi < n:
+            xt[hi:] -= (u[lo:hi, hi:].T @ e.reshape(hi - lo, -1)).reshape(n - hi, nb, m)
+        sq += (e**2).sum(0)
+    codes = codes.transpose(1, 2, 0)
+    return (codes, sq * widths[:, None] ** 2) if errors else codes
 
 
 def to_fourier(x: np.ndarray, f: int) -> np.ndarray:
