@@ -1,4 +1,9 @@
-"""The same config and seed give the metrics recorded in tests/data/reference_metrics.csv."""
+"""The same config and seed give the metrics recorded in tests/data/reference_metrics.csv.
+
+The recorded values are one machine's: another CPU (its vector units, its BLAS kernels) rounds
+differently, by up to ~3e-7 relative after these 12 epochs. So the tolerance is 1e-5: far
+above that noise, far below what a change of the training's arithmetic gives. Bitwise
+reproducibility on one machine is tested by resume equality (test_train)."""
 
 from pathlib import Path
 
@@ -8,6 +13,7 @@ import pytest
 from mdlgrok.config import TrainConfig
 from mdlgrok.training import train, train_runs
 
+RTOL = 1e-5
 REFERENCE = pd.read_csv(Path(__file__).parent / "data" / "reference_metrics.csv")
 CASES = {
     "ours": dict(task="add", p=11, preset="ours", epochs=12, seed=0),
@@ -30,11 +36,11 @@ def _compare(got: pd.DataFrame, case: str, rtol: float) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_single_runs_reproduce_the_recorded_metrics(tmp_path, case):
     train(TrainConfig(**CASES[case]), tmp_path / case, progress=False)
-    _compare(pd.read_parquet(tmp_path / case / "metrics.parquet"), case, rtol=1e-12)
+    _compare(pd.read_parquet(tmp_path / case / "metrics.parquet"), case, rtol=RTOL)
 
 
 def test_stacked_runs_reproduce_the_recorded_metrics(tmp_path):
     paths = [tmp_path / f"s{i}" for i in range(len(STACKED))]
     train_runs([TrainConfig(**kw) for kw in STACKED], paths, engine="stacked")
     for i, path in enumerate(paths):
-        _compare(pd.read_parquet(path / "metrics.parquet"), f"stacked{i}", rtol=1e-12)
+        _compare(pd.read_parquet(path / "metrics.parquet"), f"stacked{i}", rtol=RTOL)
