@@ -28,17 +28,40 @@ def bins_of(t):
     return list(search._bin_range(float(np.abs(t.w).max())))
 
 
-def test_a_small_matrix_gets_gptqs_exact_statistics_on_every_bin():
+def test_a_small_matrix_gets_gptqs_exact_statistics_on_every_bin_up_to_the_high_rate_cut():
     t = correlated_target(16, 24)
+    w = t.w.reshape(16, 24)
     js = bins_of(t)
-    got = search._bin_stats(t, t.w.reshape(16, 24), js, empirical_bits)
-    for (bits, err, nonzero), (b, e, z) in zip(got, exact_stats(t, js)):
+    cut = search._high_rate_cut(w, js)
+    got, exact = search._bin_stats(t, w, js, empirical_bits), exact_stats(t, js)
+    assert 0 < cut < len(js)
+    for (bits, err, nonzero), (b, e, z) in zip(got[cut:], exact[cut:]):
         assert bits == b and nonzero == z
         np.testing.assert_allclose(err, e, rtol=1e-12)
+    for i, (bits, err, nonzero) in enumerate(got[:cut]):  # finer: one bit a weight per 8 steps, error / 4
+        steps = cut - i
+        assert bits == pytest.approx(exact[cut][0] + w.size * steps / 8) and nonzero
+        np.testing.assert_allclose(err, exact[cut][1] * 4.0 ** (-steps / 8))
+
+
+def test_the_high_rate_law_predicts_the_statistics_of_fine_bins():
+    w = np.random.default_rng(2).normal(size=(300, 300))  # 90,000 entries: fine bins' entropy not saturated
+    t = targets_of({"w": torch.from_numpy(w)})[0]
+    js = bins_of(t)
+    cut = search._high_rate_cut(w, js)
+    assert empirical_bits(search.quantize(w, js[cut])) >= search.HIGH_RATE_BITS * w.size
+    assert empirical_bits(search.quantize(w, js[cut + 1])) < search.HIGH_RATE_BITS * w.size
+    got = search._bin_stats(t, w, js, empirical_bits)
+    for j, (bits, err, _) in zip(js[:cut], got[:cut]):
+        codes = search.quantize(w, j)
+        if empirical_bits(codes) < 11 * w.size:  # the histogram of 90,000 codes holds up to ~11 bits
+            assert bits == pytest.approx(empirical_bits(codes), rel=0.01)
+        assert err.sum() == pytest.approx(((codes * search.bin_width(j) - w) ** 2).sum(), rel=0.02)
 
 
 def test_a_large_matrix_gets_exact_statistics_on_some_bins_and_close_estimates_between(monkeypatch):
     monkeypatch.setattr(search, "ESTIMATE_FROM", 0)  # this matrix counts as large
+    monkeypatch.setattr(search, "HIGH_RATE_BITS", np.inf)  # every bin computed
     t = correlated_target(48, 64, seed=3)
     js = bins_of(t)
     got = search._bin_stats(t, t.w.reshape(48, 64), js, empirical_bits)
@@ -51,7 +74,8 @@ def test_a_large_matrix_gets_exact_statistics_on_some_bins_and_close_estimates_b
         assert err.sum() == pytest.approx(e.sum(), rel=0.2)
 
 
-def test_without_moments_the_statistics_are_those_of_rounding_to_nearest():
+def test_without_moments_the_statistics_are_those_of_rounding_to_nearest(monkeypatch):
+    monkeypatch.setattr(search, "HIGH_RATE_BITS", np.inf)
     t = targets_of({"w": torch.randn(6, 7, dtype=torch.float64)})[0]
     js = bins_of(t)
     for j, (bits, err, nonzero) in zip(js, search._bin_stats(t, t.w.reshape(6, 7), js, empirical_bits)):
@@ -63,6 +87,7 @@ def test_without_moments_the_statistics_are_those_of_rounding_to_nearest():
 def test_a_row_sample_estimates_the_statistics_of_the_whole_matrix(monkeypatch):
     monkeypatch.setattr(search, "ESTIMATE_FROM", 0)
     monkeypatch.setattr(search, "SAMPLE_ROWS", 48)  # of 96 rows
+    monkeypatch.setattr(search, "HIGH_RATE_BITS", np.inf)
     t = correlated_target(96, 64, seed=5)
     js = bins_of(t)
     got = search._bin_stats(t, t.w.reshape(96, 64), js, empirical_bits, sample=True)

@@ -46,7 +46,7 @@ from mdlgrok.complexity.coarse import (
     zero_entry,
 )
 from mdlgrok.complexity.codecs import empirical_bits
-from mdlgrok.complexity.payload import Entry, bin_width, entry_tensor, matrix_shape
+from mdlgrok.complexity.payload import BIN_STEPS, Entry, bin_width, entry_tensor, matrix_shape
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
 BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
@@ -55,6 +55,7 @@ LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2
 ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
 SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more)
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
+HIGH_RATE_BITS = 8.0  # bins finer than where rounding to nearest spends 8 bits a weight follow the high-rate law
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
 SHRINKAGE = (0.0, 0.25, 0.5)  # exponents beta tried for the sensitivities
 MAX_SHIFT = 4  # calibration: decoded bins at most 2^(4/8) from the coding bin
@@ -177,7 +178,7 @@ def _dense_options(t: Target) -> list[Option]:
     return out
 
 
-def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = False) -> list[tuple]:
+def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = False, entries=None) -> list[tuple]:
     """For every bin in js: (bits_of(codes), each row's squared error, whether any code is non-zero),
     for the codes of matrix x that coarse.round_rows gives.
 
@@ -187,10 +188,38 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
     those of rounding to nearest (the error in the diagonal of H, as for independent errors),
     times the ratios GPTQ / nearest at the two exact bins around, interpolated in log. With
     `sample` (bits that add over rows), a large matrix's statistics are those of a seeded sample
-    of its rows, scaled up (_sampled_stats). Only the options' ranking uses the estimates: an
-    option's entry is always rounded exactly."""
+    of its rows, scaled up (_sampled_stats). Bins finer than the high-rate cut (_high_rate_cut)
+    follow from the finest bin computed: each step finer adds 1/BIN_STEPS bit to each of the
+    `entries` (default x.size) that a bits_of count covers and scales the error by
+    2^(-2/BIN_STEPS). Only the options' ranking uses the estimates: an option's entry is always
+    rounded exactly."""
     if sample and x.size >= ESTIMATE_FROM and len(x) > _sample_size(x):
         return _sampled_stats(t, x, js, bits_of)
+    cut = _high_rate_cut(x, js)
+    computed = _computed_stats(t, x, js[cut:], bits_of)
+    return [_finer(computed[0], cut - i, x.size if entries is None else entries) for i in range(cut)] + computed
+
+
+def _high_rate_cut(x: np.ndarray, js: list[int]) -> int:
+    """Index in js (fine to coarse) of the coarsest bin on which rounding x to nearest spends at
+    least HIGH_RATE_BITS a weight (0 where none does); finer bins are in the high-rate regime,
+    where bits ~ h(w) - log2(bin) and the error ~ bin^2 / 12 (Gersho & Gray 1992, ch. 5)."""
+    lo, hi = 0, len(js)  # predicate true at lo (or lo = 0), false from hi on
+    if not js or empirical_bits(quantize(x, js[0])) < HIGH_RATE_BITS * x.size:
+        return 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if empirical_bits(quantize(x, js[mid])) >= HIGH_RATE_BITS * x.size else (lo, mid)
+    return lo
+
+
+def _finer(stat: tuple, steps: int, entries) -> tuple:
+    """The statistics `steps` bins finer than `stat`'s, by the high-rate law."""
+    bits, err, nonzero = stat
+    return bits + np.multiply(entries, steps / BIN_STEPS), err * 2.0 ** (-2 * steps / BIN_STEPS), nonzero
+
+
+def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
     if t.h is not None and x.size < ESTIMATE_FROM:
         return _gptq_stats(t, x, js, bits_of)
     near = [_nearest_stats(t, x, j, bits_of) for j in js]
@@ -271,17 +300,30 @@ def _lowrank_options(t: Target) -> list[Option]:
     idx = np.array(ranks) - 1
     fa = {f: to_fourier(a, f) for f in _fouriers(t)}  # A's rows in either basis (orthonormal: same error)
     js = list(_bin_range(max(*(float(np.abs(x).max()) for x in fa.values()), float(np.abs(b).max()))))
+    b_stats = _bin_stats(t, b, js, lambda q: _prefix_bits(q, idx), entries=(idx + 1) * b.shape[1])
+    a_stats = {f: _factor_stats(af, js, idx) for f, af in fa.items()}
     out = []
-    for j, (b_bits, db2, _) in zip(js, _bin_stats(t, b, js, lambda q: _prefix_bits(q, idx))):
-        for f, af in fa.items():
-            qa = quantize(af, j)
-            da2 = ((qa * bin_width(j) - af) ** 2).sum(0)
+    for i, (j, (b_bits, db2, _)) in enumerate(zip(js, b_stats)):
+        for f in fa:
+            a_bits, da2 = a_stats[f][i]
             # |W - A'B'|^2 ~ truncation + sum_i s_i (|dA_i|^2 + |dB_i|^2): the parts are orthogonal
             # (in the H-norm, |dB_i|^2_H, where t.h is known: W H^(1/2) is what was factored)
             err = tail[idx + 1] + np.cumsum(s[:big] * (da2 + db2))[idx]
-            bits = _prefix_bits(qa.T, idx) + b_bits + 2 * MODEL_BITS
+            bits = a_bits + b_bits + 2 * MODEL_BITS
             out += [Option("lowrank", float(bi), float(e), j=j, k=k, fourier=f) for k, bi, e in zip(ranks, bits, err)]
     return out
+
+
+def _factor_stats(a: np.ndarray, js: list[int], idx: np.ndarray) -> list[tuple]:
+    """For every bin in js: the bits of A's first k + 1 columns for every k in idx, and each
+    column's squared error, rounded to nearest (finer than the high-rate cut: by its law)."""
+    cut = _high_rate_cut(a, js)
+    computed = []
+    for j in js[cut:]:
+        qa = quantize(a, j)
+        computed.append((_prefix_bits(qa.T, idx), ((qa * bin_width(j) - a) ** 2).sum(0), True))
+    finer = [_finer(computed[0], cut - i, (idx + 1) * a.shape[0]) for i in range(cut)]
+    return [(bits, err) for bits, err, _ in finer + computed]
 
 
 def _prefix_bits(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
