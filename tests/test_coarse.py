@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from mdlgrok.complexity import coarse
 from mdlgrok.complexity.coarse import (
     Target,
     bin_index,
@@ -243,3 +244,10 @@ def test_entries_of_a_data_aware_target_decode_to_its_codes():
     a, b = factors(t, 3)
     assert np.array_equal(low.codes[0], quantize(a, -12).ravel())
     assert np.array_equal(low.codes[1], gptq_codes(b, [-12], t.whitened()[4])[0].ravel())
+
+
+@FAST
+@given(st.integers(2, 130), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_the_fourier_l1_by_fft_is_that_of_the_basis(n, cols, seed):
+    x = np.random.default_rng(seed).normal(size=(n, cols))
+    assert coarse._fourier_l1(x) == pytest.approx(np.abs(coarse.to_fourier(x, n)).sum(), rel=1e-12)
