@@ -209,7 +209,7 @@ def test_gptq_reports_each_rows_error_in_the_h_norm(seed, j, block):
     assert np.array_equal(codes, gptq_codes(w, [j, j - 3], upper_cholesky_of_inverse(h)))
     for c, e, jj in zip(codes, errors, [j, j - 3]):
         d = c * bin_width(jj) - w
-        np.testing.assert_allclose(e, ((d @ h) * d).sum(1), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(e, ((d @ h) * d).sum(1), rtol=1e-8, atol=1e-12)  # h: condition ~1e4
 
 
 def test_whitened_factors_rebuild_the_matrix_at_full_rank():
