@@ -195,9 +195,16 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
     rounded exactly."""
     if sample and x.size >= ESTIMATE_FROM and len(x) > _sample_size(x):
         return _sampled_stats(t, x, js, bits_of)
+    entries = x.size if entries is None else entries
+    return _beyond_high_rate(x, js, entries, lambda part: _computed_stats(t, x, part, bits_of))
+
+
+def _beyond_high_rate(x: np.ndarray, js: list[int], entries, compute) -> list[tuple]:
+    """compute(bins) -> (bits, err, nonzero) per bin, called on the bins from the high-rate cut
+    up; the finer bins follow from the finest computed one by the high-rate law."""
     cut = _high_rate_cut(x, js)
-    computed = _computed_stats(t, x, js[cut:], bits_of)
-    return [_finer(computed[0], cut - i, x.size if entries is None else entries) for i in range(cut)] + computed
+    computed = compute(js[cut:])
+    return [_finer(computed[0], cut - i, entries) for i in range(cut)] + computed
 
 
 def _high_rate_cut(x: np.ndarray, js: list[int]) -> int:
@@ -305,7 +312,7 @@ def _lowrank_options(t: Target) -> list[Option]:
     out = []
     for i, (j, (b_bits, db2, _)) in enumerate(zip(js, b_stats)):
         for f in fa:
-            a_bits, da2 = a_stats[f][i]
+            a_bits, da2, _ = a_stats[f][i]
             # |W - A'B'|^2 ~ truncation + sum_i s_i (|dA_i|^2 + |dB_i|^2): the parts are orthogonal
             # (in the H-norm, |dB_i|^2_H, where t.h is known: W H^(1/2) is what was factored)
             err = tail[idx + 1] + np.cumsum(s[:big] * (da2 + db2))[idx]
@@ -315,15 +322,14 @@ def _lowrank_options(t: Target) -> list[Option]:
 
 
 def _factor_stats(a: np.ndarray, js: list[int], idx: np.ndarray) -> list[tuple]:
-    """For every bin in js: the bits of A's first k + 1 columns for every k in idx, and each
-    column's squared error, rounded to nearest (finer than the high-rate cut: by its law)."""
-    cut = _high_rate_cut(a, js)
-    computed = []
-    for j in js[cut:]:
-        qa = quantize(a, j)
-        computed.append((_prefix_bits(qa.T, idx), ((qa * bin_width(j) - a) ** 2).sum(0), True))
-    finer = [_finer(computed[0], cut - i, (idx + 1) * a.shape[0]) for i in range(cut)]
-    return [(bits, err) for bits, err, _ in finer + computed]
+    """For every bin in js: the bits of A's first k + 1 columns for every k in idx, each column's
+    squared error and True, rounded to nearest (finer than the high-rate cut: by its law)."""
+
+    def stats(j: int) -> tuple:
+        q = quantize(a, j)
+        return _prefix_bits(q.T, idx), ((q * bin_width(j) - a) ** 2).sum(0), True
+
+    return _beyond_high_rate(a, js, (idx + 1) * a.shape[0], lambda part: [stats(j) for j in part])
 
 
 def _prefix_bits(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
