@@ -514,3 +514,23 @@ def test_calibration_scales_up_an_underconfident_readout():
     results = estimate(model, loss_fn, [0.01])
     check_honest(model, loss_fn, results, [0.01])
     assert results[0].coarse_loss < base
+
+
+def test_best_calibrates_again_after_a_polish_that_changed_the_configuration(monkeypatch):
+    from mdlgrok.complexity import search as S
+    from mdlgrok.complexity.coarse import targets_of
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 4)
+    model = nn.Linear(4, 4, bias=False)
+    loss_fn = ce_closure(x, x.argmax(1))
+    oracle = LossOracle(model, loss_fn)
+    search = S.Search(targets_of(oracle.original), oracle, oracle({}))
+    calibrated, polished = [], iter([(1,), (1,)])  # the first polish coarsens, the second does not
+    monkeypatch.setattr(search, "start", lambda eps: ((0,), (0,)))
+    monkeypatch.setattr(search, "_calibrate", lambda config, shift: calibrated.append(config) or (len(calibrated),))
+    monkeypatch.setattr(search, "_polish", lambda config, eps, shift: next(polished))
+    assert search.best(1.0) == ((1,), (2,))
+    assert calibrated == [(0,), (1,)]  # the polished configuration got its own calibration
+    calibrated.clear()
+    assert search.best(1.0, polish=False) == ((0,), (0,)) and not calibrated

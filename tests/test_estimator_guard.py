@@ -10,7 +10,9 @@ from mdlgrok.measures.complexity import closures
 from mdlgrok.runs import model_from_checkpoint
 from mdlgrok.training import train
 
-MEASURED_BYTES = 11_584  # estimator versions 3, 4 and 5, add mod 23, half the data, "ours", 40 epochs, seed 0
+# add mod 23, half the data, "ours", 40 epochs, seed 0: 11,584 B with estimator versions 3-5, 10,892 B
+# with 7 and 10,848 B with 8; the bound stays on the largest, as float rounding differs between CPUs.
+MEASURED_BYTES = 11_584
 BOUND = 1.1 * MEASURED_BYTES
 
 

@@ -58,8 +58,9 @@ FINEST_BITS = 12  # finest bin: max|w| / 2^12
 HIGH_RATE_BITS = 6.0  # bins finer than where rounding to nearest spends 6 bits a weight follow the high-rate law
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
 SHRINKAGE = (0.0, 0.25, 0.5)  # exponents beta tried for the sensitivities
-MAX_SHIFT = 4  # calibration: decoded bins at most 2^(4/8) from the coding bin
+MAX_SHIFT = 8  # calibration: decoded bins at most 2^(8/8) from the coding bin
 POLISH_PASSES = 2
+ROUNDS = 2  # rounds of calibration and polish
 POLISH_MIN_SHARE = 0.01  # polish tensors holding at least 1% of the bits
 RANKS = (
     1,
@@ -467,18 +468,27 @@ class Search:
     def bits(self, config: tuple[int, ...]) -> float:
         return sum(h[c].bits for h, c in zip(self.hulls, config))
 
-    def best(self, eps: float, polish: bool = True) -> Choice | None:
-        """The choice with the fewest bits found feasible for eps (None: lossless). It depends on
-        eps alone: only the points visited by this eps' own path searches are candidates."""
+    def start(self, eps: float) -> Choice | None:
+        """The choice with the fewest bits that this eps' own path searches found feasible (None:
+        lossless). It depends on eps alone."""
         visited = [key for p in range(len(self.paths)) for key in self._along(p, eps)]
         found = [key for key in visited if within(self.cache[key], self.base, eps)]
-        if not found:
-            return None
-        config, shift = min(found, key=lambda key: self.bits(key[0]))  # the first of equals, in visiting order
-        if not polish:
-            return config, shift
-        shift = self._calibrate(config, shift)
-        return self._polish(config, eps, shift), shift
+        return min(found, key=lambda key: self.bits(key[0])) if found else None  # the first of equals
+
+    def best(self, eps: float, polish: bool = True) -> Choice | None:
+        """The start for eps, calibrated and polished: calibration and polish repeated while the
+        polish changes the configuration."""
+        choice = self.start(eps)
+        if choice is None or not polish:
+            return choice
+        config, shift = choice
+        for _ in range(ROUNDS):
+            shift = self._calibrate(config, shift)
+            polished = self._polish(config, eps, shift)
+            if polished == config:
+                break
+            config = polished
+        return config, shift
 
     def _calibrate(self, config: tuple[int, ...], shift: tuple[int, ...]) -> tuple[int, ...]:
         """Shifts of the decoded bins (the same codes, scaled by 2^(d/8): no bits) that lower the
