@@ -16,7 +16,8 @@
 4. Search. For each eps, a binary search along every path with the real loss on the full
    training set; from the cheapest feasible point that this eps' searches evaluated, a
    calibration of the decoded bins (the same codes scaled by grid steps), then a greedy pass
-   that coarsens single tensors further while the constraint holds. Losses are cached and
+   that coarsens single tensors further while the constraint holds (both once more where that
+   pass changed the configuration). Losses are cached and
    shared by all eps and paths, but each eps chooses only among the points its own steps
    visited: the answer for an eps does not depend on which other eps were asked.
 """
