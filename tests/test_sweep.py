@@ -153,7 +153,9 @@ def test_experiment_files_expand():
         if f.stem in counts:  # the paper's figures: 600 epochs on CPU, the paper's seven eps
             assert len(cpu) == counts[f.stem], f
             assert {c.epochs for c in cpu} == {600}, f
-            beside = ("llc", "fourier") if f.stem == "rise_and_fall" else ()  # the other measures, side by side
+            beside = {"rise_and_fall": ("llc", "fourier"), "unregularized": ("fourier",)}.get(
+                f.stem, ()
+            )  # side by side
             assert exp.measure == MeasureConfig(eps=PAPER_EPS, estimator="mdlgrok", measures=("complexity", *beside)), f
     # the runs other experiments link from rise_and_fall have its keys (the same resolved configs)
     keys = {name: {run_key(c) for c in expand(EXPERIMENTS / f"{name}.toml")} for name in counts}
