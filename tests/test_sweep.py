@@ -131,6 +131,10 @@ def test_unknown_length_is_rejected():
         expand({"name": "x", "base": {"p": 7}}, "cpu")
 
 
+# the other measures each paper-figure experiment takes beside complexity, side by side
+BESIDE = {"rise_and_fall": ("llc", "fourier"), "unregularized": ("fourier",)}
+
+
 def test_experiment_files_expand():
     counts = {
         "rise_and_fall": 12,
@@ -153,9 +157,7 @@ def test_experiment_files_expand():
         if f.stem in counts:  # the paper's figures: 600 epochs on CPU, the paper's seven eps
             assert len(cpu) == counts[f.stem], f
             assert {c.epochs for c in cpu} == {600}, f
-            beside = {"rise_and_fall": ("llc", "fourier"), "unregularized": ("fourier",)}.get(
-                f.stem, ()
-            )  # side by side
+            beside = BESIDE.get(f.stem, ())
             assert exp.measure == MeasureConfig(eps=PAPER_EPS, estimator="mdlgrok", measures=("complexity", *beside)), f
     # the runs other experiments link from rise_and_fall have its keys (the same resolved configs)
     keys = {name: {run_key(c) for c in expand(EXPERIMENTS / f"{name}.toml")} for name in counts}

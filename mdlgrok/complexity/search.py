@@ -17,9 +17,9 @@
    training set; from the cheapest feasible point that this eps' searches evaluated, a
    calibration of the decoded bins (the same codes scaled by grid steps), then a greedy pass
    that coarsens single tensors further while the constraint holds (both once more where that
-   pass changed the configuration). Losses are cached and
-   shared by all eps and paths, but each eps chooses only among the points its own steps
-   visited: the answer for an eps does not depend on which other eps were asked.
+   pass changed the configuration). Losses are cached and shared by all eps and paths, but
+   each eps chooses only among the points its own steps visited: the answer for an eps does
+   not depend on which other eps were asked.
 """
 
 from __future__ import annotations
