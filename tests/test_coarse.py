@@ -219,10 +219,35 @@ def test_whitened_factors_rebuild_the_matrix_at_full_rank():
     a, b = factors(t, 6)
     np.testing.assert_allclose(a @ b, t.w.reshape(9, 6), atol=1e-9)
     # the rank-k truncation is the best in the H-norm: its error is the whitened tail
-    _, s, _, _, _ = t.whitened()
+    _, s, _, _ = t.whitened()
     a, b = factors(t, 2)
     d = a @ b - t.w.reshape(9, 6)
     assert np.isclose(((d @ h) * d).sum(), (s[2:] ** 2).sum())
+
+
+def test_whitened_inverse_root_is_the_upper_cholesky_factor_of_the_inverse_moment():
+    h = correlated_moment(7, 3)
+    t = targets_of({"w": torch.randn(5, 7, dtype=torch.float64)}, moments={"w": h})[0]
+    u, s, vt, inv_root = t.whitened()
+    np.testing.assert_allclose(inv_root, upper_cholesky_of_inverse(h), rtol=1e-9, atol=1e-12)
+    # the singular values are those of W H^(1/2) with the symmetric root
+    ev, q = np.linalg.eigh(h)
+    np.testing.assert_allclose(s, np.linalg.svd(t.w.reshape(5, 7) @ (q * np.sqrt(ev)) @ q.T)[1], rtol=1e-9)
+    np.testing.assert_allclose((u * s) @ vt @ inv_root, t.w.reshape(5, 7), atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(400, 520), (520, 400), (384, 384)])
+def test_thin_svd_of_a_large_matrix_from_its_gram_matrix_matches_lapack(shape):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape) @ np.diag(np.logspace(0, -4, shape[1])) @ rng.normal(size=(shape[1], shape[1]))
+    assert min(shape) >= coarse.GRAM_FROM
+    u, s, vt = coarse.thin_svd(x)
+    ref = np.linalg.svd(x, compute_uv=False)
+    np.testing.assert_allclose(s, ref, rtol=1e-6, atol=1e-10 * ref[0])
+    np.testing.assert_allclose((u * s) @ vt, x, atol=1e-9 * ref[0])
+    k = int((ref > 1e-4 * ref[0]).sum())  # components resolved to 1e-8 by the Gram matrix: orthonormal
+    np.testing.assert_allclose(u[:, :k].T @ u[:, :k], np.eye(k), atol=1e-6)
+    np.testing.assert_allclose(vt[:k] @ vt[:k].T, np.eye(k), atol=1e-6)
 
 
 def test_moments_attach_only_to_matching_matrices():
@@ -236,14 +261,14 @@ def test_entries_of_a_data_aware_target_decode_to_its_codes():
     h = correlated_moment(10)
     t = targets_of({"w": torch.randn(8, 10)}, moments={"w": h})[0]
     dense = dense_entry(t, -12)
-    assert np.array_equal(dense.codes[0], gptq_codes(t.w.reshape(8, 10), [-12], t.whitened()[4])[0].ravel())
+    assert np.array_equal(dense.codes[0], gptq_codes(t.w.reshape(8, 10), [-12], t.whitened()[3])[0].ravel())
     np.testing.assert_allclose(
         entry_tensor(dense).double().numpy(), dense.codes[0].reshape(8, 10) * bin_width(-12), rtol=1e-6
     )
     low = lowrank_entry(t, 3, -12)
     a, b = factors(t, 3)
     assert np.array_equal(low.codes[0], quantize(a, -12).ravel())
-    assert np.array_equal(low.codes[1], gptq_codes(b, [-12], t.whitened()[4])[0].ravel())
+    assert np.array_equal(low.codes[1], gptq_codes(b, [-12], t.whitened()[3])[0].ravel())
 
 
 @FAST

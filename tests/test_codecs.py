@@ -218,3 +218,16 @@ def test_codec_ids_and_versions_cover_every_codec():
     for name in BYTE_CODECS:
         assert "level" in versions[name] or "preset" in versions[name], versions[name]
     assert "constriction" in versions[ENTROPY_CODEC]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 20_000), st.integers(0, 2**31 - 1))
+def test_lzma_with_an_input_sized_dictionary_writes_preset_9es_stream(n, seed):
+    import lzma
+
+    from mdlgrok.complexity.codecs import LZMA_FILTERS
+
+    data = np.random.default_rng(seed).laplace(scale=3, size=n).astype(np.int8).tobytes()
+    compress, decompress = BYTE_CODECS["lzma"]
+    assert compress(data) == lzma.compress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    assert decompress(compress(data)) == data

@@ -20,7 +20,7 @@ def correlated_target(m: int, n: int, seed: int = 0):
 
 def exact_stats(t, js):
     w = t.w.reshape(matrix_shape(t.coded_shape))
-    codes, errors = gptq_codes(w, js, t.whitened()[4], errors=True)
+    codes, errors = gptq_codes(w, js, t.whitened()[3], errors=True)
     return [(empirical_bits(c), e, bool(c.any())) for c, e in zip(codes, errors)]
 
 

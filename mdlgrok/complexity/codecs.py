@@ -20,6 +20,7 @@ ZSTD_LEVEL = 22  # zstd's strongest ("ultra") level
 BZ2_LEVEL = 9
 # Raw LZMA2 stream: no container header; the decoder knows the filter from the codec byte.
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+LZMA_DICT = (4096, 1 << 26)  # LZMA2's smallest dictionary and preset 9's, bytes
 
 
 def _zstd_compress(data: bytes) -> bytes:
@@ -33,13 +34,18 @@ def _zstd_decompress(data: bytes) -> bytes:
     return zstandard.ZstdDecompressor().decompress(data)
 
 
+def _lzma_compress(data: bytes) -> bytes:
+    """Preset 9e with a dictionary no larger than the input (preset 9's is 64 MiB): the same
+    stream, since no match reaches further back than the input's start, without the cost of
+    setting up 64 MiB for every payload. The decoder's 64 MiB dictionary reads it."""
+    dict_size = min(max(LZMA_DICT[0], len(data)), LZMA_DICT[1])
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{**LZMA_FILTERS[0], "dict_size": dict_size}])
+
+
 BYTE_CODECS = {
     "zstd": (_zstd_compress, _zstd_decompress),
     "bz2": (lambda d: bz2.compress(d, BZ2_LEVEL), bz2.decompress),
-    "lzma": (
-        lambda d: lzma.compress(d, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
-        lambda d: lzma.decompress(d, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
-    ),
+    "lzma": (_lzma_compress, lambda d: lzma.decompress(d, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)),
 }
 ENTROPY_CODEC = "ans"
 CODEC_IDS = {"zstd": 0, "bz2": 1, "lzma": 2, ENTROPY_CODEC: 3}

@@ -281,7 +281,7 @@ def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, chunk: int = 1
     out = []
     for lo in range(0, len(js), chunk):
         part = js[lo : lo + chunk]
-        codes, errors = gptq_codes(x, part, t.whitened()[4], errors=True)
+        codes, errors = gptq_codes(x, part, t.whitened()[3], errors=True)
         out += [(bits_of(c), e, bool(c.any())) for c, e in zip(codes, errors)]
     return out
 
@@ -421,6 +421,7 @@ class Search:
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
         self.cache: dict[Choice, float] = {}
         self.tensors: dict[tuple[int, int, int], torch.Tensor] = {}  # (tensor, hull index, shift) -> decoded
+        self._entries: dict[tuple[int, int], Entry] = {}  # (tensor, hull index) -> its entry (rounded once)
 
     def _path(self, sens: list[float]) -> list[tuple[int, ...]]:
         """Configurations (hull index per tensor) from the finest to the coarsest."""
@@ -445,7 +446,7 @@ class Search:
         for t in self.targets:
             if t.quantizable and choice is not None:
                 i = next(free)
-                out.append(shifted(self.hulls[i][choice[0][i]].entry(t), choice[1][i]))
+                out.append(shifted(self._entry(i, choice[0][i]), choice[1][i]))
             else:
                 out.append(raw_entry(t))
         return out
@@ -460,8 +461,14 @@ class Search:
     def _tensor(self, i: int, h: int, shift: int = 0) -> torch.Tensor:
         """Decoded tensor of option h of tensor i (entry_tensor, as the decoder computes it)."""
         if (i, h, shift) not in self.tensors:
-            self.tensors[(i, h, shift)] = entry_tensor(shifted(self.hulls[i][h].entry(self.free[i]), shift))
+            self.tensors[(i, h, shift)] = entry_tensor(shifted(self._entry(i, h), shift))
         return self.tensors[(i, h, shift)]
+
+    def _entry(self, i: int, h: int) -> Entry:
+        """Entry of option h of tensor i; every shift of its bins reads the same codes."""
+        if (i, h) not in self._entries:
+            self._entries[(i, h)] = self.hulls[i][h].entry(self.free[i])
+        return self._entries[(i, h)]
 
     def feasible(self, config: tuple[int, ...], eps: float, shift: tuple[int, ...] | None = None) -> bool:
         return within(self.loss(config, shift), self.base, eps)
