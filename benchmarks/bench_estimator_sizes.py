@@ -5,8 +5,9 @@
 
 Models mdlgrok did not build, trained briefly on scikit-learn's digits (1,000 training
 images): ReLU MLPs 64-w-w-10 and a small CNN; and the paper's transformer (add mod 113,
-untrained). Prints per model: parameters, wall time of one estimate at all eps, loss calls,
-the time inside them, and the search's own time per second of loss calls (target: <= 1).
+untrained). Prints per model: parameters, the payload bytes at each eps, wall time of one
+estimate at all eps, loss calls, the time inside them, and the search's own time per second of
+loss calls (target: <= 1).
 """
 
 from __future__ import annotations
@@ -78,11 +79,13 @@ def bench(name: str, model: nn.Module, x, y, eps: list[float]) -> dict:
         return evaluate(m, x, y)[0]
 
     start = time.perf_counter()
-    r = estimate(model, loss_fn, eps)[0]
+    results = estimate(model, loss_fn, eps)
     wall = time.perf_counter() - start
+    r = results[0]
     return {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "bytes": " / ".join(f"{q.bits // 8:,}" for q in results),
         "wall_s": wall,
         "loss_calls": r.loss_evals,
         "inside_loss_s": r.loss_seconds,
