@@ -170,6 +170,17 @@ def upper_cholesky_of_inverse(h):
     return np.linalg.cholesky(np.linalg.inv(h)).T
 
 
+def test_gptq_in_float32_rounds_as_float64_but_at_ties():
+    h = correlated_moment(40, 2)
+    w = np.random.default_rng(3).normal(size=(30, 40))
+    js = [-12, -6, 0]
+    c64, e64 = gptq_codes(w, js, upper_cholesky_of_inverse(h), errors=True)
+    c32, e32 = gptq_codes(w, js, upper_cholesky_of_inverse(h), errors=True, dtype=np.float32)
+    assert e32.dtype == np.float32
+    assert (c32 != c64).mean() < 1e-3
+    np.testing.assert_allclose(e32, e64, rtol=1e-3)
+
+
 def test_gptq_with_identity_moments_is_plain_rounding():
     w = np.random.default_rng(1).normal(size=(6, 9))
     codes = gptq_codes(w, [-8, -16], np.eye(9))

@@ -66,7 +66,11 @@ def test_a_large_matrix_gets_exact_statistics_on_some_bins_and_close_estimates_b
     js = bins_of(t)
     got = search._bin_stats(t, t.w.reshape(48, 64), js, empirical_bits)
     exact = exact_stats(t, js)
-    same = [i for i, (g, e) in enumerate(zip(got, exact)) if g[0] == e[0] and np.array_equal(g[1], e[1])]
+    same = [  # rounded by GPTQ (in float32: equal up to its rounding)
+        i
+        for i, (g, e) in enumerate(zip(got, exact))
+        if g[0] == pytest.approx(e[0], rel=1e-4) and np.allclose(g[1], e[1], rtol=1e-4)
+    ]
     assert 0 in same and len(js) - 1 in same and len(same) < len(js)  # some bins estimated
     assert all(i in same for i in range(0, len(js), search.EXACT_STRIDE))
     for (bits, err, _), (b, e, _) in zip(got, exact):

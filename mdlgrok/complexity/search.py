@@ -53,7 +53,8 @@ MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options 
 BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
 EXACT_STRIDE = 8  # GPTQ's bits and errors computed on every 8th bin (a factor 2 apart), estimated between,
 LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2 bits a weight,
-ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
+ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most);
+# from this size GPTQ's statistics are computed in float32
 SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more)
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
 HIGH_RATE_BITS = 6.0  # bins finer than where rounding to nearest spends 6 bits a weight follow the high-rate law
@@ -236,7 +237,7 @@ def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tu
         return near
     low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * x.size]
     exact_at = sorted({*range(0, len(js), EXACT_STRIDE), len(js) - 1, *low_rate})
-    exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
+    exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of, np.float32)))
     ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
     out = []
     for i, (bits, err, nonzero) in enumerate(near):
@@ -275,13 +276,14 @@ def _nearest_stats(t: Target, x: np.ndarray, j: int, bits_of) -> tuple:
     return bits_of(codes), (d2 if t.h is None else d2 * np.diag(t.h)).sum(1), bool(codes.any())
 
 
-def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, chunk: int = 16) -> list[tuple]:
+def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, dtype=np.float64, chunk: int = 16) -> list[tuple]:
     """(bits, row errors in the H-norm, any non-zero) of GPTQ's codes on every bin in js, a chunk
-    of bins at a time (one GPTQ pass rounds a chunk; the chunk bounds its memory)."""
+    of bins at a time (one GPTQ pass rounds a chunk; the chunk bounds its memory), in arithmetic
+    of dtype: float32 where the statistics are estimates anyway (large matrices)."""
     out = []
     for lo in range(0, len(js), chunk):
         part = js[lo : lo + chunk]
-        codes, errors = gptq_codes(x, part, t.whitened()[3], errors=True)
+        codes, errors = gptq_codes(x, part, t.whitened()[3], errors=True, dtype=dtype)
         out += [(bits_of(c), e, bool(c.any())) for c, e in zip(codes, errors)]
     return out
 
