@@ -247,6 +247,20 @@ def test_whitened_inverse_root_is_the_upper_cholesky_factor_of_the_inverse_momen
     np.testing.assert_allclose((u * s) @ vt @ inv_root, t.w.reshape(5, 7), atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(600, 450), (450, 600)])
+def test_thin_svd_of_a_rank_deficient_large_matrix_gives_unit_vectors_and_its_rank(shape):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(shape[0], 300)) @ rng.normal(size=(300, shape[1]))
+    u, s, vt = coarse.thin_svd(x)
+    ref = np.linalg.svd(x, compute_uv=False)
+    assert np.all(np.diff(s) <= 0)
+    np.testing.assert_allclose(s[:300], ref[:300], rtol=1e-9)
+    assert s[300:].max() < 1e-10 * s[0]
+    lengths = np.concatenate([np.linalg.norm(u, axis=0), np.linalg.norm(vt, axis=1)])
+    assert np.all((np.abs(lengths - 1) < 1e-9) | (lengths == 0))
+    np.testing.assert_allclose((u[:, :300] * s[:300]) @ vt[:300], x, atol=1e-9 * s[0])
+
+
 @pytest.mark.parametrize("shape", [(400, 520), (520, 400), (384, 384)])
 def test_thin_svd_of_a_large_matrix_from_its_gram_matrix_matches_lapack(shape):
     rng = np.random.default_rng(0)

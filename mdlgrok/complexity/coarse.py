@@ -132,20 +132,20 @@ GRAM_FROM = 384  # matrices whose both sides are at least this long: SVD from th
 
 
 def thin_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(U, s, Vt) of x, float64. A large matrix's comes from the symmetric eigenproblem of its
-    smaller Gram matrix (about 3x faster than LAPACK's SVD there): its singular values are
-    exact to about 1e-8 of the largest, far below what a truncation or a bin resolves."""
+    """(U, s, Vt) of x, float64, s descending. A large matrix's comes from the eigenvectors of its
+    smaller Gram matrix (about 3x faster than LAPACK's SVD there): s_i is the length of x times
+    the i-th eigenvector, exact to about 1e-16 of the largest, and the other side's vectors are
+    those products scaled to unit length (zero where s_i is 0). Vectors of components below about
+    1e-8 of the largest are not orthogonal: far below what a truncation or a bin resolves."""
     m, n = x.shape
     if min(m, n) < GRAM_FROM:
         return np.linalg.svd(x, full_matrices=False)
     wide = m < n
-    g = x @ x.T if wide else x.T @ x
-    ev, vec = np.linalg.eigh(g)
-    s = np.sqrt(np.clip(ev[::-1], 0.0, None))
-    vec = np.ascontiguousarray(vec[:, ::-1])
+    vec = np.linalg.eigh(x @ x.T if wide else x.T @ x)[1]
     other = (vec.T @ x) if wide else (x @ vec).T  # rows: s_i times the other side's singular vectors
-    scale = np.where(s > 0, 1 / np.where(s > 0, s, 1.0), 0.0)
-    other = other * scale[:, None]
+    s = np.linalg.norm(other, axis=1)
+    order = np.argsort(-s, kind="stable")
+    s, vec, other = s[order], vec[:, order], other[order] / np.where(s[order] > 0, s[order], 1.0)[:, None]
     return (vec, s, other) if wide else (other.T, s, vec.T)
 
 
@@ -205,8 +205,10 @@ def gptq_codes(x: np.ndarray, js, u: np.ndarray, block: int = 64, errors: bool =
     rounding errors below, Q - X = -E U, and U H U^T = I, so (Q - X) H (Q - X)^T = E E^T.
 
     Within a block of columns, column i takes the feedback of the block's earlier errors when
-    it is rounded (one product); the later columns take the whole block's at once. dtype:
-    of the arithmetic (float32 is about 3x faster; its codes part from float64's at ties only)."""
+    it is rounded (one product); the later columns take the whole block's at once. dtype: of the
+    arithmetic. float32 is about 3x faster; its codes part from float64's where a rounding falls
+    within float32's precision of a tie (and the rest of that row may follow), its bits and
+    errors agree to about 1e-3."""
     widths = np.array([bin_width(j) for j in js], dtype)
     u = u.astype(dtype, copy=False)
     xt = np.ascontiguousarray(x.T[:, None, :].astype(dtype) / widths[None, :, None])  # (n, bins, m): column i is xt[i]
@@ -265,7 +267,7 @@ def dense_entry(t: Target, j: int, fourier: int = 0) -> Entry:
 
 def factors(t: Target, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Balanced rank-k factors A = U_k S_k^1/2 (m x k), B = S_k^1/2 V_k^T (k x n) of W, or of
-    W H^(1/2) where t.h is known (then B = S_k^1/2 V_k^T H^(-1/2))."""
+    W R where t.h is known (then B = S_k^1/2 V_k^T R^-1, with R R^T = H: see Target.whitened)."""
     if t.h is None:
         u, s, vt = t.svd()
         return u[:, :k] * np.sqrt(s[:k]), np.sqrt(s[:k])[:, None] * vt[:k]

@@ -35,9 +35,10 @@ def _zstd_decompress(data: bytes) -> bytes:
 
 
 def _lzma_compress(data: bytes) -> bytes:
-    """Preset 9e with a dictionary no larger than the input (preset 9's is 64 MiB): the same
-    stream, since no match reaches further back than the input's start, without the cost of
-    setting up 64 MiB for every payload. The decoder's 64 MiB dictionary reads it."""
+    """Preset 9e with a dictionary no larger than the input (preset 9's is 64 MiB), without the
+    cost of setting up 64 MiB for every payload. No match reaches back past the input's start,
+    so the stream is the same in practice (the match finder's smaller hash table could only
+    tell at its depth cut). The decoder's 64 MiB dictionary reads it."""
     dict_size = min(max(LZMA_DICT[0], len(data)), LZMA_DICT[1])
     return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{**LZMA_FILTERS[0], "dict_size": dict_size}])
 

@@ -53,8 +53,7 @@ MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options 
 BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
 EXACT_STRIDE = 8  # GPTQ's bits and errors computed on every 8th bin (a factor 2 apart), estimated between,
 LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2 bits a weight,
-ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most);
-# from this size GPTQ's statistics are computed in float32
+ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
 SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more)
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
 HIGH_RATE_BITS = 6.0  # bins finer than where rounding to nearest spends 6 bits a weight follow the high-rate law
@@ -237,6 +236,7 @@ def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tu
         return near
     low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * x.size]
     exact_at = sorted({*range(0, len(js), EXACT_STRIDE), len(js) - 1, *low_rate})
+    # statistics for ranking only: float32 arithmetic (every entry is rounded in float64)
     exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of, np.float32)))
     ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
     out = []
@@ -423,7 +423,7 @@ class Search:
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
         self.cache: dict[Choice, float] = {}
         self.tensors: dict[tuple[int, int, int], torch.Tensor] = {}  # (tensor, hull index, shift) -> decoded
-        self._entries: dict[tuple[int, int], Entry] = {}  # (tensor, hull index) -> its entry (rounded once)
+        self._entries: dict[int, tuple[int, Entry]] = {}  # tensor -> (hull index, entry) last rounded
 
     def _path(self, sens: list[float]) -> list[tuple[int, ...]]:
         """Configurations (hull index per tensor) from the finest to the coarsest."""
@@ -468,9 +468,9 @@ class Search:
 
     def _entry(self, i: int, h: int) -> Entry:
         """Entry of option h of tensor i; every shift of its bins reads the same codes."""
-        if (i, h) not in self._entries:
-            self._entries[(i, h)] = self.hulls[i][h].entry(self.free[i])
-        return self._entries[(i, h)]
+        if self._entries.get(i, (None,))[0] != h:  # one per tensor: calibration shifts a fixed option
+            self._entries[i] = h, self.hulls[i][h].entry(self.free[i])
+        return self._entries[i][1]
 
     def feasible(self, config: tuple[int, ...], eps: float, shift: tuple[int, ...] | None = None) -> bool:
         return within(self.loss(config, shift), self.base, eps)
