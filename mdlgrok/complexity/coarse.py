@@ -211,7 +211,7 @@ def gptq_codes(x: np.ndarray, js, u: np.ndarray, block: int = 64, errors: bool =
     errors agree to about 1e-3."""
     widths = np.array([bin_width(j) for j in js], dtype)
     u = u.astype(dtype, copy=False)
-    xt = np.ascontiguousarray(x.T[:, None, :].astype(dtype) / widths[None, :, None])  # (n, bins, m): column i is xt[i]
+    xt = np.ascontiguousarray(x.T[:, None, :] / widths[None, :, None], dtype=dtype)  # (n, bins, m): column i is xt[i]
     n, nb, m = xt.shape
     codes = np.empty(xt.shape, np.int64)
     sq = np.zeros((nb, m), dtype)
