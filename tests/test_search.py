@@ -127,3 +127,24 @@ def test_sampled_statistics_see_the_non_zero_codes_of_rows_left_out(monkeypatch)
         x[row, 1] = 1.0
         t = targets_of({"w": torch.from_numpy(x)})[0]
         assert search._bin_stats(t, x, [j], empirical_bits, sample=True)[0][2]
+
+
+def test_options_built_in_threads_are_those_built_one_at_a_time():
+    rng = np.random.default_rng(3)
+    state = {"a": torch.from_numpy(rng.laplace(size=(20, 12))), "b": torch.from_numpy(rng.normal(size=(7,)))}
+    fresh = [
+        [correlated_target(24, 16, seed=1), *targets_of(state)],
+        [correlated_target(24, 16, seed=1), *targets_of(state)],
+    ]
+    serial = search.all_options(fresh[0], threads=1)
+    threaded = search.all_options(fresh[1], threads=2)
+    assert serial == threaded == [search.options_for(t) for t in fresh[0]]
+    assert all(len(hull) > 2 for hull in serial)
+
+
+def test_the_zero_option_costs_the_whole_matrix_in_the_h_norm():
+    t = correlated_target(9, 16)
+    w = t.w.reshape(9, 16)
+    (zero,) = search._zero_option(t)
+    assert zero.bits == 0
+    assert zero.err == pytest.approx(np.trace(w @ t.h @ w.T), rel=1e-10)

@@ -12,6 +12,7 @@ The paper's code keeps one fewer (``paper_rank``).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,7 @@ class Target:
     _svd: tuple | None = field(default=None, init=False, repr=False)
     _white: tuple | None = field(default=None, init=False, repr=False)
     _fourier: int | None = field(default=None, init=False, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.w = self.coded().detach().double().numpy().reshape(-1) if self.quantizable else np.zeros(0)
@@ -73,8 +75,9 @@ class Target:
 
     def svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(U, s, Vt) of the matrix view of the coded part, computed once (float64)."""
-        if self._svd is None:
-            self._svd = thin_svd(self.w.reshape(matrix_shape(self.coded_shape)))
+        with self._lock:  # the options of one target may be built in two threads
+            if self._svd is None:
+                self._svd = thin_svd(self.w.reshape(matrix_shape(self.coded_shape)))
         return self._svd
 
     def whitened(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -83,12 +86,13 @@ class Target:
         Any square root of H gives the singular values and U of W H^(1/2), and the same
         truncations W_k = U_k S_k Vt_k R^-1; this one costs one Cholesky factorization, and its
         inverse R^-1 is the upper Cholesky factor of H^-1 = R^-T R^-1 that GPTQ needs."""
-        if self._white is None:
-            flip = np.ascontiguousarray(self.h[::-1, ::-1])  # H = R R^T with R = P chol(P H P) P upper
-            root = torch.linalg.cholesky(torch.from_numpy(flip)).flip(0, 1)
-            inv_root = torch.linalg.solve_triangular(root, torch.eye(len(root), dtype=root.dtype), upper=True)
-            w = self.w.reshape(matrix_shape(self.coded_shape))
-            self._white = (*thin_svd(w @ root.numpy()), inv_root.numpy())
+        with self._lock:
+            if self._white is None:
+                flip = np.ascontiguousarray(self.h[::-1, ::-1])  # H = R R^T with R = P chol(P H P) P upper
+                root = torch.linalg.cholesky(torch.from_numpy(flip)).flip(0, 1)
+                inv_root = torch.linalg.solve_triangular(root, torch.eye(len(root), dtype=root.dtype), upper=True)
+                w = self.w.reshape(matrix_shape(self.coded_shape))
+                self._white = (*thin_svd(w @ root.numpy()), inv_root.numpy())
         return self._white
 
     def fourier(self) -> int:
@@ -96,8 +100,9 @@ class Target:
         the last FOURIER_TRIM + 1, whose coefficients have the smallest l1 norm, where that
         norm (a proxy for the bits of their codes) is at most FOURIER_GAIN of the rows' own.
         Computed once."""
-        if self._fourier is None:
-            self._fourier = self._best_fourier()
+        with self._lock:
+            if self._fourier is None:
+                self._fourier = self._best_fourier()
         return self._fourier
 
     def _best_fourier(self) -> int:

@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -189,7 +190,9 @@ def estimate(
     oracle({})  # the probe holds the original weights while the input moments are read
     moments, norms = read_moments(oracle, data_aware)
     # numpy's BLAS threads only spin on these small SVDs and products; torch keeps its own.
-    with threadpool_limits(1, user_api="blas"):
+    # The naive size (bzip2 of every parameter, GIL released) is computed beside the search.
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(1) as aside:
+        naive_future = aside.submit(naive_bits, model)
         candidates = {e: [] for e in eps}  # eps -> the verified payloads of its own searches
         for search, its_eps in searches(oracle, base, rows, moments, lowrank, seed, eps):
             checked = {}  # choice -> its verified payload: eps that agree share one check
@@ -198,7 +201,7 @@ def estimate(
                 if choice not in checked:
                     checked[choice] = verify(search.entries(choice), oracle)
                 candidates[e].append(checked[choice])
-    naive = naive_bits(model)
+        naive = naive_future.result()
     seconds = time.perf_counter() - start
     results = []
     for e in eps:

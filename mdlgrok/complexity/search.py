@@ -29,10 +29,12 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from mdlgrok.complexity.coarse import (
     Target,
@@ -371,12 +373,52 @@ def lower_hull(options: list[Option]) -> list[Option]:
 
 
 def options_for(t: Target, lowrank: bool = True) -> list[Option]:
-    w = t.w.reshape(matrix_shape(t.coded_shape))
-    zero_err = float((w**2).sum()) if t.h is None else float(((w @ t.h) * w).sum())
-    opts = [Option("zero", 0.0, zero_err)] + _dense_options(t)
-    if lowrank and t.is_matrix:
-        opts += _lowrank_options(t)
-    return lower_hull(opts)
+    """The lower hull of t's options."""
+    return lower_hull([o for part in _option_parts(t, lowrank) for o in part(t)])
+
+
+def all_options(targets: list[Target], lowrank: bool = True, threads: int = 1) -> list[list[Option]]:
+    """options_for of every target, its parts (dense, rank-k) built in `threads` threads, the
+    largest tensors' first: numpy leaves the GIL in its array work, and the hulls do not
+    depend on the order."""
+    jobs = [(t, part) for t in targets for part in _option_parts(t, lowrank)]
+    if threads <= 1:
+        built = [part(t) for t, part in jobs]
+    else:
+        with threadpool_limits(threads, user_api="blas"):  # one large factorization at a time, on every core
+            for t in sorted(targets, key=lambda t: -t.w.size):
+                _factorize(t, lowrank)
+        with ThreadPoolExecutor(threads) as pool:
+            futures = {
+                k: pool.submit(jobs[k][1], jobs[k][0])
+                for k in sorted(range(len(jobs)), key=lambda k: -jobs[k][0].w.size)
+            }
+        built = [futures[k].result() for k in range(len(jobs))]
+    hulls, at = [], 0
+    for t in targets:
+        n = len(_option_parts(t, lowrank))
+        hulls.append(lower_hull([o for part in built[at : at + n] for o in part]))
+        at += n
+    return hulls
+
+
+def _option_parts(t: Target, lowrank: bool) -> list[Callable[[Target], list[Option]]]:
+    return [_zero_option, _dense_options] + ([_lowrank_options] if lowrank and t.is_matrix else [])
+
+
+def _factorize(t: Target, lowrank: bool) -> None:
+    """Compute (and cache) the factorization that t's options read: the whitened SVD where
+    its input moments are known, the plain one where rank-k options are built."""
+    if t.h is not None:
+        t.whitened()
+    elif lowrank and t.is_matrix:
+        t.svd()
+
+
+def _zero_option(t: Target) -> list[Option]:
+    """Decoding to zero: the error is |W|^2, or tr(W H W^T) = |W R|^2, the sum of the whitened s_i^2."""
+    err = (t.w**2).sum() if t.h is None else (t.whitened()[1] ** 2).sum()
+    return [Option("zero", 0.0, float(err))]
 
 
 def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Generator) -> float:
@@ -417,7 +459,7 @@ class Search:
         """sens: the sensitivities of the quantizable targets, if another search measured them."""
         self.targets, self.oracle, self.base = targets, oracle, base
         self.free = [t for t in targets if t.quantizable]
-        self.hulls = [options_for(t, lowrank) for t in self.free]
+        self.hulls = all_options(self.free, lowrank, threads=torch.get_num_threads())
         rng = np.random.default_rng(seed)
         self.sens = sens if sens is not None else [sensitivity(t, oracle, base, rng) for t in self.free]
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
