@@ -129,7 +129,7 @@ def test_sampled_statistics_see_the_non_zero_codes_of_rows_left_out(monkeypatch)
         assert search._bin_stats(t, x, [j], empirical_bits, sample=True)[0][2]
 
 
-def test_options_built_in_threads_are_those_built_one_at_a_time():
+def test_options_built_in_threads_are_those_built_one_at_a_time(monkeypatch):
     rng = np.random.default_rng(3)
     state = {"a": torch.from_numpy(rng.laplace(size=(20, 12))), "b": torch.from_numpy(rng.normal(size=(7,)))}
     fresh = [
@@ -137,6 +137,7 @@ def test_options_built_in_threads_are_those_built_one_at_a_time():
         [correlated_target(24, 16, seed=1), *targets_of(state)],
     ]
     serial = search.all_options(fresh[0], threads=1)
+    monkeypatch.setattr(search, "PARALLEL_FROM", 0)
     threaded = search.all_options(fresh[1], threads=2)
     assert serial == threaded == [search.options_for(t) for t in fresh[0]]
     assert all(len(hull) > 2 for hull in serial)

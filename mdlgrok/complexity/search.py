@@ -56,6 +56,7 @@ BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
 EXACT_STRIDE = 8  # GPTQ's bits and errors computed on every 8th bin (a factor 2 apart), estimated between,
 LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2 bits a weight,
 ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
+PARALLEL_FROM = 1 << 17  # options built in threads where a tensor holds this many entries
 SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more)
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
 HIGH_RATE_BITS = 6.0  # bins finer than where rounding to nearest spends 6 bits a weight follow the high-rate law
@@ -378,11 +379,12 @@ def options_for(t: Target, lowrank: bool = True) -> list[Option]:
 
 
 def all_options(targets: list[Target], lowrank: bool = True, threads: int = 1) -> list[list[Option]]:
-    """options_for of every target, its parts (dense, rank-k) built in `threads` threads, the
-    largest tensors' first: numpy leaves the GIL in its array work, and the hulls do not
-    depend on the order."""
+    """options_for of every target; where one holds PARALLEL_FROM entries or more, its parts
+    (dense, rank-k) built in `threads` threads, the largest tensors' first: numpy leaves the GIL
+    in its work on large arrays (on small ones the threads only contend for it), and the hulls
+    do not depend on the order."""
     jobs = [(t, part) for t in targets for part in _option_parts(t, lowrank)]
-    if threads <= 1:
+    if threads <= 1 or max((t.w.size for t in targets), default=0) < PARALLEL_FROM:
         built = [part(t) for t, part in jobs]
     else:
         with threadpool_limits(threads, user_api="blas"):  # one large factorization at a time, on every core
