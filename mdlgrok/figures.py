@@ -40,6 +40,22 @@ def _write_configs(folder: Path, table: pd.DataFrame) -> None:
     (folder / "figure_configs.json").write_text(json.dumps(configs, indent=1, default=str) + "\n")
 
 
+def _provenance(rows: pd.DataFrame) -> str:
+    """' (N seeds, estimator vA, vB)' as the rows say: what a figure's mean and band are made of."""
+    seeds = rows.seed.nunique() if "seed" in rows else 1
+    text = f"{seeds} seed{'s' if seeds != 1 else ''}"
+    if "estimator_version" in rows:
+        measured = rows[rows.metric == "complexity_bits"].estimator_version.dropna()
+        versions = sorted({str(v) for v in measured if str(v)}, key=_version_order)
+        if versions:
+            text += ", estimator " + ", ".join(f"v{v}" for v in versions)
+    return f" ({text})"
+
+
+def _version_order(v: str):
+    return (0, int(v), "") if v.isdigit() else (1, 0, v)
+
+
 def draw_experiment(folder: Path) -> list[Path]:
     """Figures of one experiment folder; which ones depends on what its table varies."""
     table = pd.read_parquet(folder / "table.parquet")
@@ -51,7 +67,7 @@ def draw_experiment(folder: Path) -> list[Path]:
     eps = main_eps(table)
     for task, sub in drawn.groupby("task"):
         out += plots.rise_and_fall(
-            sub, folder / f"rise_and_fall_{task}", eps=eps, hue=hue, title=f"{folder.name}: {task}"
+            sub, folder / f"rise_and_fall_{task}", eps=eps, hue=hue, title=f"{folder.name}: {task}{_provenance(sub)}"
         )
     fin = final_rows(drawn)
     if (fin.metric == "complexity_bits").any():

@@ -179,3 +179,20 @@ def test_sizes_and_digits_tolerances_are_drawn(tmp_path):
     assert sorted(desc.n_train) == [3, 6]
     dig = pd.read_csv(results / "dig" / "summary.csv")
     assert sorted(dig.setting) == ["init_scale=1", "init_scale=8"] and dig.final_bytes.notna().all()
+
+
+def test_a_figure_title_says_how_many_seeds_and_which_estimators_made_it(results):
+    from mdlgrok.figures import _provenance
+
+    rows = estimator_rows(pd.read_parquet(results / "table.parquet"))
+    version = rows[rows.metric == "complexity_bits"].estimator_version.iloc[0]
+    assert _provenance(rows) == f" (1 seed, estimator v{version})"
+    two = pd.concat(
+        [
+            rows,
+            rows.assign(
+                seed=1, estimator_version=lambda d: d.estimator_version.where(d.metric != "complexity_bits", "10")
+            ),
+        ]
+    )
+    assert _provenance(two) == f" (2 seeds, estimator v{version}, v10)"
