@@ -38,11 +38,20 @@ def test_paper_length_tables_match_the_committed_paper_numbers():
     assert "rise_and_fall" in sections
     for experiment in sections:
         section = re.search(rf"^## paper length: {experiment}\b.*?(?=^## |\Z)", text, re.M | re.S).group(0)
-        rows = re.findall(r"^\| (add|mul|sub|div), (ours|none) \| ([\d,]+) \((\d+)\) \|(.*)\|$", section, re.M)
+        rows = re.findall(
+            r"^\| (add|mul|sub|div), (ours|none)(?:, seed (\d+) \(v(\w+)\))? \| ([\d,]+) \((\d+)\) \|(.*)\|$",
+            section,
+            re.M,
+        )
         numbers = pd.read_csv(ROOT / "results" / "paper" / experiment / "paper_numbers.csv")
         assert len(rows) == len(numbers) > 0, experiment
-        for task, preset, peak, peak_epoch, rest in rows:
-            run = numbers[(numbers.task == task) & (numbers.preset == preset)].iloc[0]
+        for task, preset, seed, version, peak, peak_epoch, rest in rows:
+            run = numbers[(numbers.task == task) & (numbers.preset == preset)]
+            if seed:  # a row per seed, with the estimator version that measured it
+                run = run[run.seed == int(seed)]
+                assert str(run.estimator_version.iloc[0]) == version
+            assert len(run) == 1, (task, preset, seed)
+            run = run.iloc[0]
             at917, at2015, at9727, ratio, grok, acc, naive = (c.strip() for c in rest.split("|")[:7])
             assert _number(peak) == run.peak_bytes and int(peak_epoch) == run.peak_epoch
             at = [_number(x) for x in (at917, at2015, at9727)]
