@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from mdlgrok.complexity.coarse import targets_of
 from mdlgrok.complexity.moments import input_moments
 from mdlgrok.complexity.payload import Entry, bin_width, decode, encode_all
-from mdlgrok.complexity.search import LossError, LossOracle, Search, within
+from mdlgrok.complexity.search import LossError, LossOracle, Search, all_options, within
 
 PAPER_EPS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
 PLAIN_EPS = 2.0  # nats: the search in plain norms runs beside the data-aware one from here up
@@ -189,8 +189,9 @@ def estimate(
     rows = read_rows(oracle, base)
     oracle({})  # the probe holds the original weights while the input moments are read
     moments, norms = read_moments(oracle, data_aware)
-    # numpy's BLAS threads only spin on these small SVDs and products; torch keeps its own.
-    # The naive size (bzip2 of every parameter, GIL released) is computed beside the search.
+    # numpy's BLAS on one thread (search.all_options raises it for a large model's factorizations);
+    # torch keeps its own. The naive size (bzip2 of every parameter, GIL released) is computed
+    # beside the search.
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(1) as aside:
         naive_future = aside.submit(naive_bits, model)
         candidates = {e: [] for e in eps}  # eps -> the verified payloads of its own searches
@@ -252,12 +253,18 @@ def searches(oracle: LossOracle, base: float, rows, moments, lowrank: bool, seed
     """(search, its eps): the search with errors in the data-aware norms for every eps, then
     (where moments were found) one with plain Frobenius errors and the same sensitivities for
     the eps of at least PLAIN_EPS nats: the quadratic model behind the norms fails where eps
-    lets the network be badly damaged, and either can find the cheaper configuration there."""
-    first = Search(targets_of(oracle.original, rows, moments), oracle, base, lowrank=lowrank, seed=seed)
-    yield first, eps
+    lets the network be badly damaged, and either can find the cheaper configuration there.
+    The options of both are built at once (search.all_options)."""
+    aware = targets_of(oracle.original, rows, moments)
     large = [e for e in eps if e >= PLAIN_EPS]
-    if moments and large:
-        yield Search(targets_of(oracle.original, rows), oracle, base, lowrank=lowrank, sens=first.sens), large
+    plain = targets_of(oracle.original, rows) if moments and large else []
+    # one call for both: on a large model its threads then share all the work
+    n = sum(t.quantizable for t in aware)
+    hulls = all_options([t for t in aware + plain if t.quantizable], lowrank, threads=torch.get_num_threads())
+    first = Search(aware, oracle, base, lowrank=lowrank, seed=seed, hulls=hulls[:n])
+    yield first, eps
+    if plain:
+        yield Search(plain, oracle, base, lowrank=lowrank, sens=first.sens, hulls=hulls[n:]), large
 
 
 def verify(entries: list[Entry], oracle: LossOracle) -> tuple[bytes, float, dict[str, int], list[Entry]]:

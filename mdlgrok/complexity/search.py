@@ -379,23 +379,27 @@ def options_for(t: Target, lowrank: bool = True) -> list[Option]:
 
 
 def all_options(targets: list[Target], lowrank: bool = True, threads: int = 1) -> list[list[Option]]:
-    """options_for of every target; where one holds PARALLEL_FROM entries or more, its parts
-    (dense, rank-k) built in `threads` threads, the largest tensors' first: numpy leaves the GIL
-    in its work on large arrays (on small ones the threads only contend for it), and the hulls
-    do not depend on the order."""
+    """options_for of every target. Where any holds PARALLEL_FROM entries or more, the large
+    factorizations come first, one at a time on `threads` BLAS threads, then every target's
+    parts (zero, dense, rank-k) are built in `threads` threads, the largest tensors' first:
+    numpy leaves the GIL in its work on large arrays (on small ones the threads only contend
+    for it). The hulls do not depend on the order the parts are built in; a factorization on
+    several BLAS threads may differ from one thread's in its last digits."""
     jobs = [(t, part) for t in targets for part in _option_parts(t, lowrank)]
     if threads <= 1 or max((t.w.size for t in targets), default=0) < PARALLEL_FROM:
         built = [part(t) for t, part in jobs]
     else:
-        with threadpool_limits(threads, user_api="blas"):  # one large factorization at a time, on every core
+        with threadpool_limits(threads, user_api="blas"):
             for t in sorted(targets, key=lambda t: -t.w.size):
                 _factorize(t, lowrank)
         with ThreadPoolExecutor(threads) as pool:
-            futures = {
-                k: pool.submit(jobs[k][1], jobs[k][0])
-                for k in sorted(range(len(jobs)), key=lambda k: -jobs[k][0].w.size)
-            }
-        built = [futures[k].result() for k in range(len(jobs))]
+            order = sorted(range(len(jobs)), key=lambda k: -jobs[k][0].w.size)
+            futures = {k: pool.submit(jobs[k][1], jobs[k][0]) for k in order}
+            try:
+                built = [futures[k].result() for k in range(len(jobs))]
+            except BaseException:  # an error or an interrupt: drop the parts not yet started
+                pool.shutdown(cancel_futures=True)
+                raise
     hulls, at = [], 0
     for t in targets:
         n = len(_option_parts(t, lowrank))
@@ -457,11 +461,13 @@ class Search:
         lowrank: bool = True,
         seed: int = 0,
         sens: list[float] | None = None,
+        hulls: list[list[Option]] | None = None,
     ):
-        """sens: the sensitivities of the quantizable targets, if another search measured them."""
+        """sens: the sensitivities of the quantizable targets, if another search measured them;
+        hulls: their options (all_options), if built already."""
         self.targets, self.oracle, self.base = targets, oracle, base
         self.free = [t for t in targets if t.quantizable]
-        self.hulls = all_options(self.free, lowrank, threads=torch.get_num_threads())
+        self.hulls = hulls if hulls is not None else all_options(self.free, lowrank, threads=torch.get_num_threads())
         rng = np.random.default_rng(seed)
         self.sens = sens if sens is not None else [sensitivity(t, oracle, base, rng) for t in self.free]
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
