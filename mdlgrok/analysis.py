@@ -60,12 +60,13 @@ def estimator_rows(table: pd.DataFrame, estimator: str = "mdlgrok") -> pd.DataFr
     plain = table[~table.estimator.isin(ESTIMATORS)]
     mine = table[table.estimator == estimator]
     if "estimator_version" in mine and len(mine):
-        newest = mine.groupby("run_id").estimator_version.transform(lambda v: max(v, key=_version_key))
+        newest = mine.groupby("run_id").estimator_version.transform(lambda v: max(v, key=version_key))
         mine = mine[mine.estimator_version == newest]
     return pd.concat([plain, mine], ignore_index=True)
 
 
-def _version_key(v: str) -> tuple:
+def version_key(v: str) -> tuple:
+    """Sort key of an estimator version: '9' before '10', numeric parts of dotted versions compared as numbers."""
     return tuple(int(x) if x.isdigit() else -1 for x in str(v).split("."))
 
 

@@ -29,6 +29,7 @@ from mdlgrok.analysis import (
     run_summary,
     scaled,
     tracking_table,
+    version_key,
     with_setting,
 )
 from mdlgrok.config import CONFIG_COLUMNS
@@ -46,14 +47,10 @@ def _provenance(rows: pd.DataFrame) -> str:
     text = f"{seeds} seed{'s' if seeds != 1 else ''}"
     if "estimator_version" in rows:
         measured = rows[rows.metric == "complexity_bits"].estimator_version.dropna()
-        versions = sorted({str(v) for v in measured if str(v)}, key=_version_order)
+        versions = sorted({str(v) for v in measured if str(v)}, key=version_key)
         if versions:
             text += ", estimator " + ", ".join(f"v{v}" for v in versions)
     return f" ({text})"
-
-
-def _version_order(v: str):
-    return (0, int(v), "") if v.isdigit() else (1, 0, v)
 
 
 def draw_experiment(folder: Path) -> list[Path]:

@@ -385,7 +385,8 @@ def all_options(targets: list[Target], lowrank: bool = True, threads: int = 1) -
     numpy leaves the GIL in its work on large arrays (on small ones the threads only contend
     for it). The hulls do not depend on the order the parts are built in; a factorization on
     several BLAS threads may differ from one thread's in its last digits."""
-    jobs = [(t, part) for t in targets for part in _option_parts(t, lowrank)]
+    parts = [_option_parts(t, lowrank) for t in targets]
+    jobs = [(t, part) for t, its in zip(targets, parts) for part in its]
     if threads <= 1 or max((t.w.size for t in targets), default=0) < PARALLEL_FROM:
         built = [part(t) for t, part in jobs]
     else:
@@ -401,10 +402,9 @@ def all_options(targets: list[Target], lowrank: bool = True, threads: int = 1) -
                 pool.shutdown(cancel_futures=True)
                 raise
     hulls, at = [], 0
-    for t in targets:
-        n = len(_option_parts(t, lowrank))
-        hulls.append(lower_hull([o for part in built[at : at + n] for o in part]))
-        at += n
+    for its in parts:
+        hulls.append(lower_hull([o for options in built[at : at + len(its)] for o in options]))
+        at += len(its)
     return hulls
 
 
