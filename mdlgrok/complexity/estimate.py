@@ -26,6 +26,7 @@ from mdlgrok.complexity.payload import Entry, bin_width, decode, encode_all
 from mdlgrok.complexity.search import LossError, LossOracle, Search, all_options, within
 
 PAPER_EPS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
+REPEAT_TOLERANCE = 1e-6  # relative: how far a second loss call on the same weights may stray
 PLAIN_EPS = 2.0  # nats: the search in plain norms runs beside the data-aware one from here up
 
 
@@ -117,6 +118,19 @@ def base_loss(oracle: LossOracle) -> float:
     return value
 
 
+def check_repeatable(oracle: LossOracle, base: float) -> None:
+    """A LossError unless the loss of the original weights, asked again, is base (within
+    REPEAT_TOLERANCE: last digits of a non-deterministic reduction pass): every figure is a
+    loss compared with base, so a closure that draws its batch or its dropout anew each call
+    cannot be measured."""
+    again = oracle({}, constrained=False)
+    if not abs(again - base) <= REPEAT_TOLERANCE * max(1.0, abs(base)):
+        raise LossError(
+            f"the loss closure gave {base:.6g} and then {again:.6g} for the same weights: it must be "
+            "deterministic (the module in eval mode, the same examples every call)"
+        )
+
+
 def read_rows(oracle: LossOracle, base: float) -> dict[str, tuple[int, ...]]:
     """For tensors whose last rows the loss never reads (a positional table longer than the
     sequence), the rows it reads: name -> (0, ..., r - 1).
@@ -187,7 +201,7 @@ def estimate(
     oracle = LossOracle(model, loss_fn, accept)
     base = base_loss(oracle)
     rows = read_rows(oracle, base)
-    oracle({})  # the probe holds the original weights while the input moments are read
+    check_repeatable(oracle, base)  # and the probe holds the original weights while the moments are read
     moments, norms = read_moments(oracle, data_aware)
     # numpy's BLAS on one thread (search.all_options raises it for a large model's factorizations);
     # torch keeps its own. The naive size (bzip2 of every parameter, GIL released) is computed

@@ -104,11 +104,12 @@ def paper_estimate(
     """The paper's procedure: one Bayesian-optimization search per eps; Results like `estimate`'s,
     whose payloads `decode_paper` reads. constraint_fn(module) -> loss on one minibatch
     reproduces the paper's last-minibatch check (the reported coarse loss is still loss_fn's)."""
-    from mdlgrok.complexity.estimate import Result, base_loss, check_eps, naive_bits
+    from mdlgrok.complexity.estimate import Result, base_loss, check_eps, check_repeatable, naive_bits
 
     eps = check_eps(eps)
     oracle = LossOracle(model, loss_fn)
     base = base_loss(oracle)
+    check_repeatable(oracle, base)
     check = LossOracle(model, constraint_fn) if constraint_fn else None
     check_base = base_loss(check) if check else base
     targets = targets_of(oracle.original)
