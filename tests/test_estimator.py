@@ -298,6 +298,29 @@ def test_float64_module():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class WithExtraState(nn.Sequential):
+    """A module whose state dict holds a non-tensor entry (get_extra_state)."""
+
+    def get_extra_state(self):
+        return {"tokenizer": "bytes"}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_a_module_with_extra_state_codes_its_tensors_alone():
+    torch.manual_seed(0)
+    model = WithExtraState(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    loss_fn = ce_closure(x, y)
+    (r,) = estimate(model, loss_fn, [0.3])
+    state = decode(r.payload)
+    assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    probe = copy.deepcopy(model)
+    assert probe.load_state_dict(state, strict=False).missing_keys == ["_extra_state"]
+    assert loss_fn(probe) == r.coarse_loss <= r.base_loss + 0.3
+
+
 def test_closure_failing_on_every_coarse_model_falls_back_to_lossless():
     """A loss that is NaN unless the weights are exactly the original: no coarse model is
     feasible, so the description is the lossless one, never an unverified number."""

@@ -112,7 +112,8 @@ class LossOracle:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], float], accept=None):
         self.accept = accept
         self.probe = copy.deepcopy(model)
-        self.slots = self.probe.state_dict(keep_vars=False)
+        # tensors only: a module's extra state (get_extra_state) is not a weight
+        self.slots = {k: v for k, v in self.probe.state_dict(keep_vars=False).items() if isinstance(v, torch.Tensor)}
         self.original = copy.deepcopy(self.slots)  # a deep copy keeps tied weights tied (targets_of aliases them)
         self.loss_fn, self.calls, self.seconds = loss_fn, 0, 0.0  # calls, and the time inside them
 
