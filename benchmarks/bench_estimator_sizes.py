@@ -4,7 +4,8 @@
     python benchmarks/bench_estimator_sizes.py --widths 256 1024 2048 --eps 4 1 0.25
 
 Models mdlgrok did not build, trained briefly on scikit-learn's digits (1,000 training
-images): ReLU MLPs 64-w-w-10 and a small CNN; and the paper's transformer (add mod 113,
+images): ReLU MLPs 64-w-w-10 and a small CNN; a bag of embeddings on synthetic tokens (a
+2.6M-entry table that the loss reads by lookups); and the paper's transformer (add mod 113,
 untrained). Prints per model: parameters, the payload bytes at each eps, wall time of one
 estimate at all eps, loss calls, the time inside them, and the search's own time per second of
 loss calls (target: <= 1).
@@ -52,8 +53,24 @@ def cnn() -> nn.Module:
     )
 
 
-def fitted(model: nn.Module, x, y, steps: int = 100) -> nn.Module:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+VOCAB = 20_000
+
+
+class BagOfEmbeddings(nn.Module):
+    """A tall table (20,000 x 128) read by lookups, then two linear layers: synthetic tokens whose
+    first one sets the class. The loss reads few of its rows per call, so it is cheap beside
+    the table's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.out = nn.Embedding(VOCAB, 128), nn.Linear(128, 128), nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(self.emb(x).mean(1))))
+
+
+def fitted(model: nn.Module, x, y, steps: int = 100, lr: float = 1e-3) -> nn.Module:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -69,6 +86,14 @@ def cases(widths: list[int]):
         yield f"MLP 64-{w}-{w}-10", fitted(mlp(w), x, y), x, y
     xi, yi = digits(images=True)
     yield "CNN (2 conv, 2 linear)", fitted(cnn(), xi, yi), xi, yi
+    torch.manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (2000, 16))
+    yield (
+        f"bag of embeddings (vocab {VOCAB:,})",
+        fitted(BagOfEmbeddings(), tokens, tokens[:, 0] % 10, lr=1e-2),
+        tokens,
+        tokens[:, 0] % 10,
+    )
     data = make_dataset(TaskConfig("add", 113, 0.2, 0))
     torch.manual_seed(0)  # the same transformer whatever was built before it
     yield "paper transformer (add mod 113)", build_model(ModelConfig()), data.x_train, data.y_train

@@ -1,11 +1,13 @@
 """The search's option statistics: GPTQ's bits and errors, exact on small matrices and on the
 bins it rounds, estimated between them on large ones."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from mdlgrok.complexity import search
+from mdlgrok.complexity import estimate, search
 from mdlgrok.complexity.coarse import gptq_codes, targets_of
 from mdlgrok.complexity.codecs import empirical_bits
 from mdlgrok.complexity.payload import matrix_shape
@@ -149,3 +151,42 @@ def test_the_zero_option_costs_the_whole_matrix_in_the_h_norm():
     (zero,) = search._zero_option(t)
     assert zero.bits == 0
     assert zero.err == pytest.approx(np.trace(w @ t.h @ w.T), rel=1e-10)
+
+
+def test_a_row_sample_estimates_the_statistics_of_a_tall_factor(monkeypatch):
+    """Rank-k options of a tall matrix (an embedding table): A's prefix bits and column errors
+    from a sample of its rows, close to those of the whole A."""
+    a = np.random.default_rng(9).laplace(size=(4000, 24)) * np.linspace(2, 0.2, 24)
+    js, idx = bins_of(targets_of({"a": torch.from_numpy(a)})[0]), np.array([0, 3, 11, 23])
+    exact = search._factor_stats(a, js, idx)
+    monkeypatch.setattr(search, "ESTIMATE_FROM", 4000)
+    monkeypatch.setattr(search, "SAMPLE_ROWS", 500)
+    assert search._sampled(a) and len(search._sample_rows(a)) == 500
+    for (bits, err, _), (b, e, _) in zip(search._factor_stats(a, js, idx), exact):
+        per_weight = b / ((idx + 1) * len(a))  # 2-6: below, a rougher guess ranks well; above, the high-rate law
+        mid = (per_weight > 2) & (per_weight < search.HIGH_RATE_BITS)
+        np.testing.assert_allclose(bits[mid], b[mid], rtol=0.05)
+        np.testing.assert_allclose(err.sum(), e.sum(), rtol=0.1)
+
+
+def test_a_tensor_without_moments_is_one_target_in_both_searches(monkeypatch):
+    """The plain-norm search (eps >= PLAIN_EPS) measures a tensor that has no input moments as
+    the data-aware search does: its options are built once, for both."""
+    estimate_module = sys.modules["mdlgrok.complexity.estimate"]  # the package exports the function
+    built = []
+    real = estimate_module.all_options
+    monkeypatch.setattr(estimate_module, "all_options", lambda ts, *a, **k: built.append(ts) or real(ts, *a, **k))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    x = torch.randint(0, 10, (40, 2))
+    y = x[:, 0]
+
+    def loss_fn(m):
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(m(x), y))
+
+    estimate(model, loss_fn, [4.0, 0.5])
+    (targets,) = built
+    names = [t.name for t in targets]
+    assert names.count("0.weight") == 1 and names.count("2.weight") == 2  # 2.weight: in either norm
+    assert sorted(t.h is None for t in targets if t.name == "2.weight") == [False, True]

@@ -272,13 +272,18 @@ def searches(oracle: LossOracle, base: float, rows, moments, lowrank: bool, seed
     aware = targets_of(oracle.original, rows, moments)
     large = [e for e in eps if e >= PLAIN_EPS]
     plain = targets_of(oracle.original, rows) if moments and large else []
+    plain = [a if a.h is None else p for a, p in zip(aware, plain)]  # without moments: one target for both
     # one call for both: on a large model its threads then share all the work
-    n = sum(t.quantizable for t in aware)
-    hulls = all_options([t for t in aware + plain if t.quantizable], lowrank, threads=torch.get_num_threads())
-    first = Search(aware, oracle, base, lowrank=lowrank, seed=seed, hulls=hulls[:n])
+    unique = list({id(t): t for t in aware + plain if t.quantizable}.values())
+    built = dict(zip(map(id, unique), all_options(unique, lowrank, threads=torch.get_num_threads())))
+
+    def hulls(targets):
+        return [built[id(t)] for t in targets if t.quantizable]
+
+    first = Search(aware, oracle, base, lowrank=lowrank, seed=seed, hulls=hulls(aware))
     yield first, eps
     if plain:
-        yield Search(plain, oracle, base, lowrank=lowrank, sens=first.sens, hulls=hulls[n:]), large
+        yield Search(plain, oracle, base, lowrank=lowrank, sens=first.sens, hulls=hulls(plain)), large
 
 
 def verify(entries: list[Entry], oracle: LossOracle) -> tuple[bytes, float, dict[str, int], list[Entry]]:

@@ -199,7 +199,7 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
     `entries` (default x.size) that a bits_of count covers and scales the error by
     2^(-2/BIN_STEPS). Only the options' ranking uses the estimates: an option's entry is always
     rounded exactly."""
-    if sample and x.size >= ESTIMATE_FROM and len(x) > _sample_size(x):
+    if sample and _sampled(x):
         return _sampled_stats(t, x, js, bits_of)
     entries = x.size if entries is None else entries
     return _beyond_high_rate(x, js, entries, lambda part: _computed_stats(t, x, part, bits_of))
@@ -261,11 +261,21 @@ def _sample_size(x: np.ndarray) -> int:
     return max(SAMPLE_ROWS, -(-ESTIMATE_FROM // x.shape[1]))
 
 
+def _sampled(x: np.ndarray) -> bool:
+    """Whether x is large enough that its statistics come from a sample of its rows."""
+    return x.size >= ESTIMATE_FROM and len(x) > _sample_size(x)
+
+
+def _sample_rows(x: np.ndarray) -> np.ndarray:
+    """A seeded sample of x's row indices (_sample_size of them), in order."""
+    return np.sort(np.random.default_rng(0).choice(len(x), _sample_size(x), replace=False))
+
+
 def _sampled_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
     """_bin_stats of a large matrix from a seeded sample of its rows (both roundings round rows
     independently): the sample's bits and errors times rows / sampled rows, the errors as one
     total per sampled row; whether any code is non-zero is read off the whole matrix."""
-    rows = np.sort(np.random.default_rng(0).choice(len(x), _sample_size(x), replace=False))
+    rows = _sample_rows(x)
     factor = len(x) / len(rows)
     amax = float(np.abs(x).max())
     return [
@@ -331,7 +341,12 @@ def _lowrank_options(t: Target) -> list[Option]:
 
 def _factor_stats(a: np.ndarray, js: list[int], idx: np.ndarray) -> list[tuple]:
     """For every bin in js: the bits of A's first k + 1 columns for every k in idx, each column's
-    squared error and True, rounded to nearest (finer than the high-rate cut: by its law)."""
+    squared error and True, rounded to nearest (finer than the high-rate cut: by its law). A large
+    A's are those of a seeded sample of its rows (rounded independently), times rows / sampled."""
+    if _sampled(a):
+        rows = _sample_rows(a)
+        factor = len(a) / len(rows)
+        return [(bits * factor, err * factor, True) for bits, err, _ in _factor_stats(a[rows], js, idx)]
 
     def stats(j: int) -> tuple:
         q = quantize(a, j)
