@@ -1,18 +1,22 @@
 """Input second moments of linear maps, read off one call of the loss closure."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mdlgrok.complexity import estimate
-from mdlgrok.complexity.moments import DAMPING, input_moments
+from mdlgrok.complexity import decode, estimate
+from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, targets_of
+from mdlgrok.complexity.moments import DAMPING, RowMoments, input_moments
+from mdlgrok.complexity.payload import entry_tensor
 
 
 class TwoWays(nn.Module):
-    """fc is applied by nn.Linear; mat by x @ mat.T (not F.linear); table is looked up and also
-    used as a readout through F.linear (read two ways)."""
+    """fc is applied by nn.Linear; mat by x @ mat.T and also sliced (read two ways); table is
+    looked up and also used as a readout through F.linear (read two ways)."""
 
     def __init__(self):
         super().__init__()
@@ -22,8 +26,26 @@ class TwoWays(nn.Module):
 
     def forward(self, tokens):
         x = self.fc(self.table(tokens))
-        x = x @ self.mat.T
+        x = x @ self.mat.T + self.mat[0]
         return F.linear(x, self.table.weight)
+
+
+class Kernels(nn.Module):
+    """The layouts of hand-written layers: a kernel (inputs x outputs) applied as x @ k (JAX and
+    Flax), torch.matmul(x, k2), and torch-layout weights applied as x @ w.T and F.linear(x, v.t().t())."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Parameter(torch.randn(3, 5))
+        self.k2 = nn.Parameter(torch.randn(5, 4))
+        self.w = nn.Parameter(torch.randn(6, 4))
+        self.v = nn.Parameter(torch.randn(2, 6))
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.k)
+        h = torch.matmul(h, self.k2)
+        h = h @ self.w.T
+        return F.linear(h, self.v.t().t())
 
 
 def expected(x: torch.Tensor) -> np.ndarray:
@@ -61,7 +83,51 @@ def test_weights_read_other_ways_get_no_moments():
     model = TwoWays()
     tokens = torch.randint(0, 5, (20,))
     moments = input_moments(lambda m: float(m(tokens).sum()), model, model.state_dict())
-    assert set(moments) == {"fc.weight"}  # table: also looked up; mat: read by matmul
+    assert set(moments) == {"fc.weight"}  # table: also looked up; mat: also sliced
+
+
+def test_kernels_read_as_x_at_k_get_moments_over_their_rows():
+    torch.manual_seed(0)
+    model = Kernels()
+    x = torch.randn(30, 3) * torch.tensor([1.0, 2.0, 0.5])
+    moments = input_moments(lambda m: float(m(x).sum()), model, model.state_dict())
+    assert set(moments) == {"k", "k2", "w"}  # v: its double transpose is not tracked (plain norms)
+    assert isinstance(moments["k"], RowMoments) and isinstance(moments["k2"], RowMoments)
+    np.testing.assert_allclose(moments["k"].h, expected(x), rtol=1e-10)
+    np.testing.assert_allclose(moments["k2"].h, expected(torch.tanh(x @ model.k)), rtol=1e-6)
+    h2 = torch.tanh(x @ model.k) @ model.k2
+    np.testing.assert_allclose(moments["w"], expected(h2), rtol=1e-6)  # x @ w.T: over w's columns
+
+
+def test_a_kernel_is_coded_transposed_and_decodes_in_its_own_layout():
+    """x @ k is F.linear(x, k^T): the target codes k^T with k's rows as its inputs, and every
+    entry decodes to a tensor of k's shape; the search stays honest."""
+    torch.manual_seed(0)
+    model = Kernels()
+    x = torch.randn(64, 3)
+    y = torch.randint(0, 2, (64,))
+
+    def loss_fn(m):
+        with torch.no_grad():
+            return float(F.cross_entropy(m(x), y))
+
+    moments = input_moments(loss_fn, model, model.state_dict())
+    t = {t.name: t for t in targets_of(model.state_dict(), moments=moments)}
+    assert t["k"].transposed and t["k"].coded_shape == (5, 3) and t["k"].h.shape == (3, 3)
+    assert not t["w"].transposed and t["w"].h.shape == (4, 4)
+    assert torch.equal(t["k"].full(t["k"].w), model.k.detach())
+    for entry in (dense_entry(t["k"], -6), lowrank_entry(t["k"], 2, -5, -7)):
+        decoded = entry_tensor(entry)
+        assert decoded.shape == (3, 5)
+        assert (decoded - model.k.detach()).abs().max() < 1.5
+    a = entry_tensor(lowrank_entry(t["k"], 3, -120, -120))  # full rank, bins of 2^-15: k itself
+    torch.testing.assert_close(a, model.k.detach(), atol=1e-4, rtol=0)
+    results = estimate(model, loss_fn, [0.5, 0.05])
+    assert results[0].norms == "data-aware"
+    for r in results:
+        probe = copy.deepcopy(model)
+        probe.load_state_dict(decode(r.payload))
+        assert loss_fn(probe) == r.coarse_loss <= r.base_loss + r.eps
 
 
 def test_a_closure_that_fails_under_the_recorder_raises_and_estimate_records_plain_norms():

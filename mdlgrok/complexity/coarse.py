@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mdlgrok.complexity.moments import RowMoments
 from mdlgrok.complexity.payload import BIN_STEPS, Entry, bin_width, fourier_basis, matrix_shape
 
 FOURIER_MIN_ROWS = 8  # smallest matrix whose rows are tried in the Fourier basis
@@ -34,6 +35,7 @@ class Target:
     tensor: torch.Tensor  # the original, on CPU
     alias: int = -1  # index of an earlier entry sharing this storage
     rows: tuple[int, ...] = ()  # the only rows the loss reads (empty: all); the others decode to zero
+    transposed: bool = False  # the coded matrix is W^T: a weight read as x @ W (its rows are the inputs)
     h: np.ndarray | None = field(default=None, repr=False)  # input second moment (n x n, mean diagonal 1)
     w: np.ndarray = field(init=False, repr=False)  # float64 flat copy of the coded rows (floating tensors)
     _svd: tuple | None = field(default=None, init=False, repr=False)
@@ -45,12 +47,15 @@ class Target:
         self.w = self.coded().detach().double().numpy().reshape(-1) if self.quantizable else np.zeros(0)
 
     def coded(self) -> torch.Tensor:
-        """The part of the tensor that is coded: its listed rows, or all of it."""
-        return self.tensor[list(self.rows)] if self.rows else self.tensor
+        """The part of the tensor that is coded: its listed rows, or all of it (transposed: W^T)."""
+        part = self.tensor[list(self.rows)] if self.rows else self.tensor
+        return part.T if self.transposed else part
 
     def full(self, coded: np.ndarray) -> torch.Tensor:
         """A tensor of the original shape and dtype from values of the coded part (other rows zero)."""
         part = torch.from_numpy(coded.reshape(self.coded_shape)).to(self.tensor.dtype)
+        if self.transposed:
+            return part.T
         if not self.rows:
             return part
         out = torch.zeros(self.shape, dtype=self.tensor.dtype)
@@ -71,6 +76,8 @@ class Target:
 
     @property
     def coded_shape(self) -> tuple[int, ...]:
+        if self.transposed:
+            return self.shape[::-1]
         return (len(self.rows), *self.shape[1:]) if self.rows else self.shape
 
     def svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,7 +114,7 @@ class Target:
 
     def _best_fourier(self) -> int:
         m, _ = matrix_shape(self.coded_shape)
-        if not self.is_matrix or m < FOURIER_MIN_ROWS:
+        if not self.is_matrix or m < FOURIER_MIN_ROWS or self.transposed:  # an entry's Fourier rows are W's
             return 0
         w = self.w.reshape(m, -1)
         plain = np.abs(w).sum()
@@ -161,7 +168,8 @@ def targets_of(
 ) -> list[Target]:
     """Targets of a state dict; entries sharing storage (tied weights) become aliases. rows[name]:
     the only rows of that tensor the loss reads (see estimate.read_rows); moments[name]: the
-    second moment of its inputs (see moments.input_moments)."""
+    second moment of its inputs (see moments.input_moments; a weight read as x @ W is coded as
+    W^T, a transposed target, unless only some of its rows are read)."""
     seen: dict[tuple, int] = {}
     out = []
     for i, (name, t) in enumerate(state.items()):
@@ -170,9 +178,13 @@ def targets_of(
         alias = seen.get(key, -1) if key else -1
         if key and alias < 0:
             seen[key] = i
-        target = Target(i, name, t.cpu(), alias, rows=(rows or {}).get(name, ()) if alias < 0 else ())
+        read = (rows or {}).get(name, ()) if alias < 0 else ()
         h = (moments or {}).get(name)
-        if h is not None and target.is_matrix and t.ndim == 2 and h.shape == (t.shape[1],) * 2:
+        transposed = isinstance(h, RowMoments) and not read and t.ndim == 2
+        target = Target(i, name, t.cpu(), alias, rows=read, transposed=transposed)
+        if isinstance(h, RowMoments):  # over W's rows: the inputs of a transposed target only
+            h = h.h if transposed else None
+        if h is not None and target.is_matrix and t.ndim == 2 and h.shape == (target.coded_shape[1],) * 2:
             target.h = h
         out.append(target)
     return out
@@ -267,6 +279,8 @@ def dense_entry(t: Target, j: int, fourier: int = 0) -> Entry:
     codes = dense_codes(t, j, fourier)
     if not codes.any():
         return zero_entry(t)
+    if t.transposed:  # W's codes: the transpose of W^T's
+        codes = codes.reshape(t.coded_shape).T.ravel()
     return Entry(t.name, t.shape, t.tensor.dtype, "dense", codes=(codes,), bins=(j,), rows=t.rows, fourier=fourier)
 
 
@@ -292,7 +306,10 @@ def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None, fourier: in
     a, b = factors(t, k)
     a = to_fourier(a, fourier)
     jb = ja if jb is None else jb
-    codes = tuple(c.ravel() for c in factor_codes(t, a, b, ja, jb))
+    ca, cb = factor_codes(t, a, b, ja, jb)
+    if t.transposed:  # W = (A B)^T = B^T A^T: the factors swap, transposed, with their bins
+        ca, cb, ja, jb = cb.T, ca.T, jb, ja
+    codes = (ca.ravel(), cb.ravel())
     return Entry(
         t.name, t.shape, t.tensor.dtype, "lowrank", codes=codes, bins=(ja, jb), rank=k, rows=t.rows, fourier=fourier
     )
