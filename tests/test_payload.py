@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from mdlgrok.complexity import decode
 from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, raw_entry, targets_of, zero_entry
+from mdlgrok.complexity.moments import RowMoments
 from mdlgrok.complexity.payload import (
     CODEC_IDS,
     MAGIC,
@@ -140,8 +141,13 @@ def random_entries(draw):
     for name, t in state.items():
         if t.ndim and t.shape[0] >= 2 and draw(st.booleans()):
             rows[name] = tuple(sorted(draw(st.sets(st.integers(0, t.shape[0] - 1), min_size=1))))
+    moments = {}  # some matrices read as x @ W: coded transposed
+    for name, t in state.items():
+        if t.ndim == 2 and name not in rows and t.is_floating_point() and draw(st.booleans()):
+            x = rng.normal(size=(3 * t.shape[0], t.shape[0]))
+            moments[name] = RowMoments(x.T @ x / len(x) + 0.1 * np.eye(t.shape[0]))
     entries = []
-    for t in targets_of(state, rows):
+    for t in targets_of(state, rows, moments):
         kind = draw(st.sampled_from(["dense", "lowrank", "zero", "raw"]))
         j = draw(st.integers(-60, 10))
         if not t.quantizable or kind == "raw":
@@ -180,6 +186,32 @@ def test_entries_on_some_rows_decode_with_the_other_rows_zero(codec):
         assert torch.equal(decoded[name][other], torch.zeros(len(other), state[name].shape[1]))
     assert (decoded["pos"][:4] - state["pos"][:4]).abs().max() <= bin_width(-40) / 2 + 1e-7
     assert [e.rows for e in decode_entries(encode(entries, codec))[0]] == [rows["pos"], rows["table"]]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_transposed_entry_codes_the_transpose_and_decodes_in_the_tensors_layout(codec):
+    """A kernel (inputs x outputs) read as x @ W: its codes (with Fourier rows) describe W^T."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    (t,) = targets_of(OrderedDict([("kernel", w)]), moments={"kernel": RowMoments(np.eye(6))})
+    assert t.transposed and t.coded_shape == (9, 6)
+    entries = [dense_entry(t, -60, fourier=9)]
+    (back,), _ = decode_entries(encode(entries, codec))
+    assert back.transposed and back.fourier == 9 and back.coded_shape == (9, 6)
+    decoded = decode(encode(entries, codec))["kernel"]
+    assert decoded.shape == (6, 9) and decoded.is_contiguous()
+    assert (decoded - w).abs().max() < bin_width(-60)
+    low = decode(encode([lowrank_entry(t, 2, -120)], codec))["kernel"]
+    u, s, vt = torch.linalg.svd(w)
+    torch.testing.assert_close(low, (u[:, :2] * s[:2]) @ vt[:2], atol=1e-3, rtol=0)
+
+
+def test_a_transposed_flag_on_a_vector_is_an_error():
+    (t,) = targets_of(OrderedDict([("b", torch.ones(5))]))
+    entry = dense_entry(t, -8)
+    entry.transposed = True
+    with pytest.raises(ValueError, match="transposed"):
+        decode(encode([entry], "zstd"))
 
 
 def test_a_row_list_past_the_tensor_is_an_error():

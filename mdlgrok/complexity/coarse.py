@@ -114,7 +114,7 @@ class Target:
 
     def _best_fourier(self) -> int:
         m, _ = matrix_shape(self.coded_shape)
-        if not self.is_matrix or m < FOURIER_MIN_ROWS or self.transposed:  # an entry's Fourier rows are W's
+        if not self.is_matrix or m < FOURIER_MIN_ROWS:
             return 0
         w = self.w.reshape(m, -1)
         plain = np.abs(w).sum()
@@ -279,9 +279,17 @@ def dense_entry(t: Target, j: int, fourier: int = 0) -> Entry:
     codes = dense_codes(t, j, fourier)
     if not codes.any():
         return zero_entry(t)
-    if t.transposed:  # W's codes: the transpose of W^T's
-        codes = codes.reshape(t.coded_shape).T.ravel()
-    return Entry(t.name, t.shape, t.tensor.dtype, "dense", codes=(codes,), bins=(j,), rows=t.rows, fourier=fourier)
+    return Entry(
+        t.name,
+        t.shape,
+        t.tensor.dtype,
+        "dense",
+        codes=(codes,),
+        bins=(j,),
+        rows=t.rows,
+        fourier=fourier,
+        transposed=t.transposed,
+    )
 
 
 def factors(t: Target, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -306,12 +314,18 @@ def lowrank_entry(t: Target, k: int, ja: int, jb: int | None = None, fourier: in
     a, b = factors(t, k)
     a = to_fourier(a, fourier)
     jb = ja if jb is None else jb
-    ca, cb = factor_codes(t, a, b, ja, jb)
-    if t.transposed:  # W = (A B)^T = B^T A^T: the factors swap, transposed, with their bins
-        ca, cb, ja, jb = cb.T, ca.T, jb, ja
-    codes = (ca.ravel(), cb.ravel())
+    codes = tuple(c.ravel() for c in factor_codes(t, a, b, ja, jb))
     return Entry(
-        t.name, t.shape, t.tensor.dtype, "lowrank", codes=codes, bins=(ja, jb), rank=k, rows=t.rows, fourier=fourier
+        t.name,
+        t.shape,
+        t.tensor.dtype,
+        "lowrank",
+        codes=codes,
+        bins=(ja, jb),
+        rank=k,
+        rows=t.rows,
+        fourier=fourier,
+        transposed=t.transposed,
     )
 
 

@@ -22,6 +22,9 @@ table's lookups reach): its kind byte then has ROWS_FLAG set and the row indices
 A dense matrix, or the A factor of a lowrank entry, may store its first f rows as
 coefficients of the orthonormal real Fourier basis along the rows (``fourier_basis``): the
 kind byte then has FOURIER_FLAG set and f follows; the decoder turns them back into rows.
+A dense or lowrank entry of a matrix may code its transpose (a weight applied as x @ W, whose
+rows are the inputs): its kind byte then has TRANSPOSED_FLAG set, the codes (and Fourier rows)
+describe W^T, and the decoder transposes the result.
 Tables indexed by a residue mod p (embeddings and readouts of modular arithmetic) are
 sparse in that basis once a network has grokked (Nanda et al. 2023).
 """
@@ -54,6 +57,8 @@ BIN_STEPS = 8  # bins on a grid of 2^(1/8)
 KINDS = ("zero", "dense", "lowrank", "raw", "alias")
 ROWS_FLAG = 0x80  # on the kind byte: the entry covers only the listed rows
 FOURIER_FLAG = 0x40  # on the kind byte: the first f rows are Fourier coefficients
+TRANSPOSED_FLAG = 0x20  # on the kind byte: the codes describe the matrix's transpose
+KIND_MASK = 0x1F
 DTYPES = (
     torch.float32,
     torch.float64,
@@ -88,6 +93,7 @@ class Entry:
     matrix: tuple[int, int] = field(default=(0, 0), repr=False)  # (m, n) view for lowrank
     rows: tuple[int, ...] = ()  # dense/lowrank: the rows the codes cover (empty: all); the rest are zero
     fourier: int = 0  # dense/lowrank: the first `fourier` rows of the matrix (of A) are Fourier coefficients
+    transposed: bool = False  # dense/lowrank of a matrix: the codes describe its transpose (no rows list)
 
     def __post_init__(self):
         if self.kind == "lowrank" and self.matrix == (0, 0):
@@ -95,7 +101,9 @@ class Entry:
 
     @property
     def coded_shape(self) -> tuple[int, ...]:
-        """The shape the codes describe: the listed rows, or the whole tensor."""
+        """The shape the codes describe: the listed rows, the whole tensor, or its transpose."""
+        if self.transposed:
+            return self.shape[::-1]
         return (len(self.rows), *self.shape[1:]) if self.rows else self.shape
 
 
@@ -132,6 +140,8 @@ def entry_tensor(e: Entry, earlier: list[torch.Tensor] | None = None) -> torch.T
         full = torch.zeros(e.shape, dtype=e.dtype)
         full[list(e.rows)] = _coded_tensor(e, e.coded_shape)
         return full
+    if e.transposed and e.kind in ("dense", "lowrank"):
+        return _coded_tensor(e, e.coded_shape).T.contiguous()
     return _coded_tensor(e, e.shape, earlier)
 
 
@@ -167,8 +177,8 @@ def _header(entries: list[Entry]) -> bytes:
     for e in entries:
         name = e.name.encode()
         coded = e.kind in ("dense", "lowrank")
-        rows, fourier = (e.rows, e.fourier) if coded else ((), 0)
-        flags = (ROWS_FLAG if rows else 0) | (FOURIER_FLAG if fourier else 0)
+        rows, fourier, transposed = (e.rows, e.fourier, e.transposed) if coded else ((), 0, False)
+        flags = (ROWS_FLAG if rows else 0) | (FOURIER_FLAG if fourier else 0) | (TRANSPOSED_FLAG if transposed else 0)
         h += varint(len(name)) + name + bytes([DTYPES.index(e.dtype), KINDS.index(e.kind) | flags])
         h += varint(len(e.shape)) + b"".join(varint(d) for d in e.shape)
         if rows:
@@ -201,15 +211,22 @@ def _read_header(r: Reader) -> list[Entry]:
     for i in range(r.varint()):
         name = r.take(r.varint()).decode()
         dtype_id, kind_byte = r.take(2)
-        kind_id, has_rows, has_fourier = kind_byte & 0x3F, bool(kind_byte & ROWS_FLAG), bool(kind_byte & FOURIER_FLAG)
+        kind_id, has_rows, has_fourier = (
+            kind_byte & KIND_MASK,
+            bool(kind_byte & ROWS_FLAG),
+            bool(kind_byte & FOURIER_FLAG),
+        )
+        transposed = bool(kind_byte & TRANSPOSED_FLAG)
         if (
             dtype_id >= len(DTYPES)
             or kind_id >= len(KINDS)
-            or ((has_rows or has_fourier) and KINDS[kind_id] not in ("dense", "lowrank"))
+            or ((has_rows or has_fourier or transposed) and KINDS[kind_id] not in ("dense", "lowrank"))
         ):
             raise ValueError("payload is corrupt (unknown dtype or kind)")
         shape = tuple(r.varint() for _ in range(r.varint()))
-        e = Entry(name, shape, DTYPES[dtype_id], KINDS[kind_id])
+        if transposed and (len(shape) != 2 or has_rows):
+            raise ValueError("payload is corrupt (a transposed entry must be a matrix without a row list)")
+        e = Entry(name, shape, DTYPES[dtype_id], KINDS[kind_id], transposed=transposed)
         if has_rows:
             e.rows = _read_rows(r, shape)
         if has_fourier:
