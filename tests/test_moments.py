@@ -99,6 +99,48 @@ def test_kernels_read_as_x_at_k_get_moments_over_their_rows():
     np.testing.assert_allclose(moments["w"], expected(h2), rtol=1e-6)  # x @ w.T: over w's columns
 
 
+class Einsums(nn.Module):
+    """Linear maps written as einsum, as JAX ports do: a kernel over the last axis, a torch-layout
+    weight, the list form; and two that are not linear maps of one axis (kept in plain norms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Parameter(torch.randn(3, 5))
+        self.w = nn.Parameter(torch.randn(4, 5))
+        self.u = nn.Parameter(torch.randn(4, 4))
+        self.diag = nn.Parameter(torch.randn(4, 4))
+        self.both = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):  # x: (batch, time, 3)
+        h = torch.tanh(torch.einsum("btd,df->btf", x, self.k))
+        h = torch.einsum("of,btf->bto", self.w, h)
+        h = torch.einsum("btf,fo->bto", [h, self.u])
+        h = h + torch.einsum("ff,btf->btf", self.diag, h)  # a repeated index: not a linear map
+        return torch.einsum("bti,ij,btj->bt", h, self.both, h)  # three operands: not tracked
+
+
+def test_einsum_linear_maps_get_moments_on_the_contracted_side():
+    torch.manual_seed(0)
+    model = Einsums()
+    x = torch.randn(10, 4, 3) * torch.tensor([1.0, 2.0, 0.5])
+    moments = input_moments(lambda m: float(m(x).sum()), model, model.state_dict())
+    assert set(moments) == {"k", "w", "u"}
+    assert isinstance(moments["k"], RowMoments) and isinstance(moments["u"], RowMoments)
+    np.testing.assert_allclose(moments["k"].h, expected(x), rtol=1e-10)
+    h = torch.tanh(x @ model.k)
+    np.testing.assert_allclose(moments["w"], expected(h), rtol=1e-6)  # "of,btf": over w's columns
+    np.testing.assert_allclose(moments["u"].h, expected(h @ model.w.T), rtol=1e-6)
+
+
+def test_a_weight_passed_in_a_list_counts_as_read_another_way():
+    model = nn.Linear(3, 3)
+
+    def loss_fn(m):
+        return float(m(torch.ones(2, 3)).sum() + torch.cat([m.weight, m.weight]).sum())
+
+    assert input_moments(loss_fn, model, model.state_dict()) == {}
+
+
 def test_a_kernel_is_coded_transposed_and_decodes_in_its_own_layout():
     """x @ k is F.linear(x, k^T): the target codes k^T with k's rows as its inputs, and every
     entry decodes to a tensor of k's shape; the search stays honest."""

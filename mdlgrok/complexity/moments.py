@@ -38,9 +38,10 @@ _OTHER_SIDE = {"columns": "rows", "rows": "columns"}
 
 
 class _Recorder(TorchFunctionMode):
-    """Accumulates X^T X of the inputs of F.linear(x, W) and x @ W calls whose W is one of
-    `weights` or its transpose (W.T, W.t(), W.mT), per weight and side of W that the inputs
-    meet ("columns" for F.linear(x, W) and x @ W.T, "rows" for x @ W and F.linear(x, W.T))."""
+    """Accumulates X^T X of the inputs of F.linear(x, W), x @ W and einsum calls that apply a W
+    that is one of `weights` or its transpose (W.T, W.t(), W.mT) as a linear map, per weight and
+    side of W that the inputs meet ("columns" for F.linear(x, W) and x @ W.T, "rows" for x @ W,
+    F.linear(x, W.T) and einsum("btd,df->btf", x, W))."""
 
     def __init__(self, weights: dict[str, torch.Tensor]):
         super().__init__()
@@ -53,27 +54,62 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        operands = [a for a in _flat((*args, *kwargs.values())) if isinstance(a, torch.Tensor)]
         if func in _TRANSPOSES and len(operands) == 1 and operands[0].ndim == 2 and _key(operands[0]) in self.keys:
             out = func(*args, **kwargs)
             self.flipped[_key(out)] = self.keys[_key(operands[0])]
             return out
-        side = "columns" if func is F.linear else "rows" if func in _MATMUL else None
-        if side and len(operands) >= 2 and operands[1].ndim == 2 and self._name(operands[1]):
-            if _key(operands[1]) in self.flipped:
+        read = self._einsum(args) if func is torch.einsum else self._linear(func, operands)
+        if read:
+            x, w, side = read
+            if _key(w) in self.flipped:
                 side = _OTHER_SIDE[side]
-            x, name = operands[0], self._name(operands[1])
-            x = x.detach().reshape(-1, x.shape[-1]).double()
-            self.sums[name, side] = self.sums.get((name, side), 0) + x.T @ x
-            operands = operands[2:]
+            name, rows = self._name(w), x.detach().reshape(-1, x.shape[-1]).double()
+            self.sums[name, side] = self.sums.get((name, side), 0) + rows.T @ rows
+            del operands[next(i for i, a in enumerate(operands) if a is w)]  # x may be a weight read another way
         for a in operands:
             if self._name(a):
                 self.other.add(self._name(a))
         return func(*args, **kwargs)
 
+    def _linear(self, func, operands: list[torch.Tensor]) -> tuple | None:
+        """(x, W, side) of F.linear(x, W, ...) or x @ W with W a tracked matrix, else None."""
+        side = "columns" if func is F.linear else "rows" if func in _MATMUL else None
+        if side and len(operands) >= 2 and operands[1].ndim == 2 and self._name(operands[1]):
+            return operands[0], operands[1], side
+        return None
+
+    def _einsum(self, args: tuple) -> tuple | None:
+        """(x with the contracted axis last, W, side) of einsum(eq, x, W) or einsum(eq, W, x) that
+        contracts one axis of a tracked matrix W with one axis of x and keeps every other axis of
+        both (a linear map of x along that axis), else None."""
+        tensors = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        if not args or not isinstance(args[0], str) or len(tensors) != 2 or "->" not in args[0] or "." in args[0]:
+            return None
+        inputs, out = args[0].replace(" ", "").split("->")
+        subs = inputs.split(",")
+        for w_at in (1, 0):
+            w, x, ws, xs = tensors[w_at], tensors[1 - w_at], subs[w_at], subs[1 - w_at]
+            if not (isinstance(w, torch.Tensor) and w.ndim == 2 and self._name(w) and isinstance(x, torch.Tensor)):
+                continue
+            kept = [c for c in ws if c in out]
+            if len(set(ws)) != 2 or len(kept) != 1 or kept[0] in xs or len(set(xs)) != len(xs):
+                continue
+            (axis,) = set(ws) - set(kept)
+            if xs.count(axis) != 1 or any(c not in out for c in xs if c != axis):
+                continue
+            side = "rows" if ws[0] == axis else "columns"
+            return x.movedim(xs.index(axis), -1), w, side
+        return None
+
     def _name(self, t: torch.Tensor) -> str | None:
         """The weight t is, or is the transpose of (None: neither)."""
         return self.keys.get(_key(t)) or self.flipped.get(_key(t))
+
+
+def _flat(values) -> list:
+    """values with the items of any list or tuple among them (torch.cat([W, ...]) reads W)."""
+    return [v for a in values for v in (a if isinstance(a, (list, tuple)) else (a,))]
 
 
 def _key(t: torch.Tensor) -> tuple:
