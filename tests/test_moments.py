@@ -12,6 +12,8 @@ from mdlgrok.complexity import decode, estimate
 from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, targets_of
 from mdlgrok.complexity.moments import DAMPING, RowMoments, input_moments
 from mdlgrok.complexity.payload import entry_tensor
+from mdlgrok.models import ModelConfig, build_model
+from mdlgrok.tasks import TaskConfig, make_dataset
 
 
 class TwoWays(nn.Module):
@@ -193,3 +195,57 @@ def test_unused_linear_layers_and_zero_inputs_get_no_moments():
     model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
     moments = input_moments(lambda m: float(m["used"](torch.zeros(4, 3)).sum()), model, model.state_dict())
     assert moments == {}
+
+
+class KernelLayout(nn.Module):
+    """mdlgrok's one-block transformer rewritten as the paper's JAX code lays it out: kernels
+    (inputs x outputs) applied as x @ k, the positional table looked up, q, k and the softmax
+    computed (the paper's einsum then sums the values)."""
+
+    def __init__(self, model):
+        super().__init__()
+        sd, self.heads = model.state_dict(), model.cfg.heads
+        for name, value in sd.items():
+            key = name.replace("blocks.0.", "").replace("attn.", "").replace(".", "_")
+            kernel = value.ndim == 2 and not name.startswith(("embed", "pos"))
+            self.register_parameter(key, nn.Parameter((value.T if kernel else value).clone()))
+
+    def forward(self, tokens):
+        b, t = tokens.shape
+        d = self.embed_weight.shape[1]
+        x = self.embed_weight[tokens] + self.pos_weight[torch.arange(t)]
+        split = lambda z: z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = (split(x @ getattr(self, f"{n}_weight") + getattr(self, f"{n}_bias")) for n in "qkv")
+        w = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k), -1)
+        a = torch.einsum("bhqk,bhvd->bhqd", w, v).transpose(1, 2).reshape(b, t, d)
+        x = F.layer_norm(x + a @ self.o_weight + self.o_bias, (d,), self.ln1_weight, self.ln1_bias, 1e-6)
+        h = F.gelu(x @ self.fc1_weight + self.fc1_bias, approximate="tanh") @ self.fc2_weight + self.fc2_bias
+        x = F.layer_norm(x + h, (d,), self.ln2_weight, self.ln2_bias, 1e-6)
+        return (x @ self.readout_weight + self.readout_bias)[:, -1]
+
+
+def test_the_papers_kernel_layout_gives_the_search_the_same_matrices_and_norms():
+    """A checkpoint in the layout of the paper's own code: each kernel is coded as the transpose
+    of mdlgrok's weight, data-aware. The values' inputs are the same in both; the later layers
+    see every position in the port (mdlgrok computes only the one read out), so their H differ."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab=7, d_model=16, heads=2, d_mlp=32, pos_rows=7))
+    port = KernelLayout(model)
+    data = make_dataset(TaskConfig("add", 5, 0.6, 0))
+
+    def loss_fn(m):
+        with torch.no_grad():
+            return float(F.cross_entropy(m(data.x_train), data.y_train))
+
+    def moments_of(m):
+        return input_moments(loss_fn, m, m.state_dict())
+
+    assert loss_fn(port) == pytest.approx(loss_fn(model), rel=1e-5)
+    ours, theirs = ({t.name: t for t in targets_of(m.state_dict(), moments=moments_of(m))} for m in (model, port))
+    for name in ("attn.v", "attn.o", "fc1", "fc2"):
+        mine, kernel = ours[f"blocks.0.{name}.weight"], theirs[f"{name.replace('attn.', '')}_weight"]
+        assert kernel.transposed and not mine.transposed and kernel.h.shape == mine.h.shape
+        np.testing.assert_array_equal(kernel.w, mine.w)
+    np.testing.assert_allclose(theirs["v_weight"].h, ours["blocks.0.attn.v.weight"].h, rtol=1e-6)
+    assert theirs["readout_weight"].transposed and theirs["readout_weight"].h is not None
+    assert theirs["readout_weight"].fourier() == ours["readout.weight"].fourier()
