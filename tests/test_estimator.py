@@ -236,10 +236,12 @@ def test_data_aware_search_reads_moments_of_the_linear_layers(trained, monkeypat
     estimate(model, loss_fn, [1.0])
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     used = linear - {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight"}  # q, k: unused by the paper attention
-    assert [set(m or {}) for m in seen] == [used]  # below PLAIN_EPS only the data-aware search runs
+    # the moments the targets take (estimate.read_moments), then the targets of the search;
+    # below PLAIN_EPS only the data-aware search runs
+    assert [set(m or {}) for m in seen] == [used, used]
     seen.clear()
     estimate(model, loss_fn, [1.0, PLAIN_EPS])
-    assert [set(m or {}) for m in seen] == [used, set()]  # then one in plain norms for the large eps
+    assert [set(m or {}) for m in seen] == [used, used, set()]  # then one in plain norms for the large eps
     seen.clear()
     estimate(model, loss_fn, [1.0], data_aware=False)
     assert seen == [{}]
@@ -313,12 +315,32 @@ def test_a_module_with_extra_state_codes_its_tensors_alone():
     model = WithExtraState(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
     x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
     loss_fn = ce_closure(x, y)
-    (r,) = estimate(model, loss_fn, [0.3])
+    (r,) = estimate(model, loss_fn, [0.3], eval_fn=lambda m: {"loss": loss_fn(m)})
+    assert r.extra == {"loss": r.coarse_loss}
     state = decode(r.payload)
     assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight"]
     probe = copy.deepcopy(model)
     assert probe.load_state_dict(state, strict=False).missing_keys == ["_extra_state"]
     assert loss_fn(probe) == r.coarse_loss <= r.base_loss + 0.3
+
+
+def test_moments_that_no_target_can_use_leave_one_search_in_plain_norms(monkeypatch):
+    """A (d x 1) kernel read as x @ w has moments but no rank or GPTQ to use them: the result
+    says plain norms, and no second, plain-norm search runs over the same targets."""
+    estimate_module = sys.modules["mdlgrok.complexity.estimate"]
+    searches = []
+    real = estimate_module.Search
+    monkeypatch.setattr(estimate_module, "Search", lambda *a, **k: searches.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = nn.ParameterDict({"e": nn.Parameter(torch.randn(5, 8)), "w": nn.Parameter(torch.randn(8, 1))})
+    x, y = torch.randint(0, 5, (30,)), torch.randn(30, 1)
+
+    def loss_fn(m):
+        with torch.no_grad():
+            return float(((m["e"][x] @ m["w"] - y) ** 2).mean())
+
+    (r,) = estimate(model, loss_fn, [4.0])
+    assert r.norms == "frobenius (no matrix read only as a linear map)" and len(searches) == 1
 
 
 def test_closure_failing_on_every_coarse_model_falls_back_to_lossless():

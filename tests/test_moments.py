@@ -34,7 +34,8 @@ class TwoWays(nn.Module):
 
 class Kernels(nn.Module):
     """The layouts of hand-written layers: a kernel (inputs x outputs) applied as x @ k (JAX and
-    Flax), torch.matmul(x, k2), and torch-layout weights applied as x @ w.T and F.linear(x, v.t().t())."""
+    Flax), torch.matmul(x, k2), and torch-layout weights applied as x @ w.T and F.linear(x, v.t().t()).
+    Reading a weight's dtype or shape is no read of its values."""
 
     def __init__(self):
         super().__init__()
@@ -44,8 +45,8 @@ class Kernels(nn.Module):
         self.v = nn.Parameter(torch.randn(2, 6))
 
     def forward(self, x):
-        h = torch.tanh(x @ self.k)
-        h = torch.matmul(h, self.k2)
+        h = torch.tanh(x.to(self.k.dtype) @ self.k)
+        h = torch.matmul(input=h[..., : self.k2.shape[0]], other=self.k2)
         h = h @ self.w.T
         return F.linear(h, self.v.t().t())
 
@@ -93,17 +94,19 @@ def test_kernels_read_as_x_at_k_get_moments_over_their_rows():
     model = Kernels()
     x = torch.randn(30, 3) * torch.tensor([1.0, 2.0, 0.5])
     moments = input_moments(lambda m: float(m(x).sum()), model, model.state_dict())
-    assert set(moments) == {"k", "k2", "w"}  # v: its double transpose is not tracked (plain norms)
+    assert set(moments) == {"k", "k2", "w", "v"}
     assert isinstance(moments["k"], RowMoments) and isinstance(moments["k2"], RowMoments)
     np.testing.assert_allclose(moments["k"].h, expected(x), rtol=1e-10)
     np.testing.assert_allclose(moments["k2"].h, expected(torch.tanh(x @ model.k)), rtol=1e-6)
     h2 = torch.tanh(x @ model.k) @ model.k2
     np.testing.assert_allclose(moments["w"], expected(h2), rtol=1e-6)  # x @ w.T: over w's columns
+    np.testing.assert_allclose(moments["v"], expected(h2 @ model.w.T), rtol=1e-6)  # v.t().t() is v
 
 
 class Einsums(nn.Module):
     """Linear maps written as einsum, as JAX ports do: a kernel over the last axis, a torch-layout
-    weight, the list form; and two that are not linear maps of one axis (kept in plain norms)."""
+    weight, the list form with an ellipsis; and two that are not linear maps of one axis (kept
+    in plain norms)."""
 
     def __init__(self):
         super().__init__()
@@ -116,7 +119,7 @@ class Einsums(nn.Module):
     def forward(self, x):  # x: (batch, time, 3)
         h = torch.tanh(torch.einsum("btd,df->btf", x, self.k))
         h = torch.einsum("of,btf->bto", self.w, h)
-        h = torch.einsum("btf,fo->bto", [h, self.u])
+        h = torch.einsum("...f,fo->...o", [h, self.u])
         h = h + torch.einsum("ff,btf->btf", self.diag, h)  # a repeated index: not a linear map
         return torch.einsum("bti,ij,btj->bt", h, self.both, h)  # three operands: not tracked
 
@@ -132,6 +135,34 @@ def test_einsum_linear_maps_get_moments_on_the_contracted_side():
     h = torch.tanh(x @ model.k)
     np.testing.assert_allclose(moments["w"], expected(h), rtol=1e-6)  # "of,btf": over w's columns
     np.testing.assert_allclose(moments["u"].h, expected(h @ model.w.T), rtol=1e-6)
+
+
+class Views(nn.Module):
+    """enc and dec share storage (dec is enc's transpose); a.transpose(0, 1) flips a's side;
+    F.linear with its keywords in any order; a product of two weights reads neither as a map."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Parameter(torch.randn(4, 4))
+        self.dec = nn.Parameter(self.enc.data.T)
+        self.a = nn.Parameter(torch.randn(4, 4))
+        self.b = nn.Parameter(torch.randn(4, 4))
+        self.c = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        h = F.linear(x, self.enc.T)  # the same tensor as dec: x meets dec's columns
+        h = F.linear(weight=self.a.transpose(0, 1), input=torch.tanh(h))  # x meets a's rows
+        return h @ (self.b @ self.c)
+
+
+def test_views_and_keywords_of_linear_calls_put_h_on_the_side_the_inputs_meet():
+    torch.manual_seed(0)
+    model = Views()
+    x = torch.randn(20, 4)
+    moments = input_moments(lambda m: float(m(x).sum()), model, model.state_dict())
+    assert set(moments) == {"dec", "a"}  # enc is dec's storage; b and c: only multiplied together
+    np.testing.assert_allclose(moments["dec"], expected(x), rtol=1e-10)
+    np.testing.assert_allclose(moments["a"].h, expected(torch.tanh(x @ model.dec.T)), rtol=1e-6)
 
 
 def test_a_weight_passed_in_a_list_counts_as_read_another_way():

@@ -200,9 +200,10 @@ def estimate(
     start = time.perf_counter()
     oracle = LossOracle(model, loss_fn, accept)
     base = base_loss(oracle)
+    check_repeatable(oracle, base)
     rows = read_rows(oracle, base)
-    check_repeatable(oracle, base)  # and the probe holds the original weights while the moments are read
-    moments, norms = read_moments(oracle, data_aware)
+    oracle.restore()  # the moments are read off the original weights
+    moments, norms = read_moments(oracle, data_aware, rows)
     # numpy's BLAS on one thread (search.all_options raises it for a large model's factorizations);
     # torch keeps its own. The naive size (bzip2 of every parameter, GIL released) is computed
     # beside the search.
@@ -247,9 +248,10 @@ def estimate(
     return results
 
 
-def read_moments(oracle: LossOracle, data_aware: bool) -> tuple[dict, str]:
-    """The input moments of the linear maps and how errors will be measured. A closure that
-    cannot run under the recorder leaves the plain norms, with a warning and a note in every Result."""
+def read_moments(oracle: LossOracle, data_aware: bool, rows: dict) -> tuple[dict, str]:
+    """The input moments of the linear maps that the search can use (coarse.targets_of keeps
+    them), and how errors will be measured. A closure that cannot run under the recorder leaves
+    the plain norms, with a warning and a note in every Result."""
     if not data_aware:
         return {}, "frobenius (data_aware=False)"
     try:
@@ -260,7 +262,9 @@ def read_moments(oracle: LossOracle, data_aware: bool) -> tuple[dict, str]:
             stacklevel=3,
         )
         return {}, f"frobenius (input moments unreadable: {type(exc).__name__})"
-    return moments, "data-aware" if moments else "frobenius (no matrix read only through F.linear)"
+    used = {t.name for t in targets_of(oracle.original, rows, moments) if t.h is not None}
+    moments = {name: h for name, h in moments.items() if name in used}
+    return moments, "data-aware" if moments else "frobenius (no matrix read only as a linear map)"
 
 
 def searches(oracle: LossOracle, base: float, rows, moments, lowrank: bool, seed: int, eps: list[float]):
@@ -297,5 +301,5 @@ def verify(entries: list[Entry], oracle: LossOracle) -> tuple[bytes, float, dict
 def _extra(eval_fn, oracle: LossOracle, payload: bytes) -> dict[str, float]:
     if eval_fn is None:
         return {}
-    oracle.probe.load_state_dict(decode(payload))
+    oracle.probe.load_state_dict(decode(payload), strict=False)  # a module's extra state is no weight
     return {k: float(v) for k, v in eval_fn(oracle.probe).items()}

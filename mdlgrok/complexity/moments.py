@@ -31,17 +31,49 @@ class RowMoments:
     h: np.ndarray
 
 
-# calls x @ W with W second: the same map as F.linear(x, W^T)
-_MATMUL = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm})
-_TRANSPOSES = frozenset({torch.t, torch.Tensor.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__})
+# calls that apply their second operand W to the first as a linear map, and the names of those
+# operands as keywords: F.linear(x, W) meets W's columns, x @ W its rows
+_LINEAR = {F.linear: ("columns", "input", "weight")}
+_LINEAR.update({f: ("rows", "input", "other") for f in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)})
+_LINEAR.update({f: ("rows", "input", "mat2") for f in (torch.mm, torch.Tensor.mm)})
+# calls that may return a transposed view of a weight
+_VIEWS = frozenset(
+    {
+        torch.t,
+        torch.Tensor.t,
+        torch.Tensor.T.__get__,
+        torch.Tensor.mT.__get__,
+        torch.transpose,
+        torch.Tensor.transpose,
+        torch.Tensor.swapaxes,
+        torch.Tensor.swapdims,
+        torch.permute,
+        torch.Tensor.permute,
+    }
+)
+# calls that read a weight's metadata, not its values
+_METADATA = frozenset(
+    {
+        torch.Tensor.dtype.__get__,
+        torch.Tensor.shape.__get__,
+        torch.Tensor.device.__get__,
+        torch.Tensor.requires_grad.__get__,
+        torch.Tensor.ndim.__get__,
+        torch.Tensor.size,
+        torch.Tensor.dim,
+        torch.Tensor.numel,
+        torch.Tensor.is_floating_point,
+    }
+)
 _OTHER_SIDE = {"columns": "rows", "rows": "columns"}
 
 
 class _Recorder(TorchFunctionMode):
     """Accumulates X^T X of the inputs of F.linear(x, W), x @ W and einsum calls that apply a W
-    that is one of `weights` or its transpose (W.T, W.t(), W.mT) as a linear map, per weight and
-    side of W that the inputs meet ("columns" for F.linear(x, W) and x @ W.T, "rows" for x @ W,
-    F.linear(x, W.T) and einsum("btd,df->btf", x, W))."""
+    that is one of `weights` or its transpose (W.T, W.t(), W.transpose(0, 1), ...) as a linear
+    map, per weight and side of W that the inputs meet ("columns" for F.linear(x, W) and
+    x @ W.T, "rows" for x @ W, F.linear(x, W.T) and einsum("btd,df->btf", x, W)). Reading a
+    weight's dtype or shape is no read; any other use of it marks it in `other`."""
 
     def __init__(self, weights: dict[str, torch.Tensor]):
         super().__init__()
@@ -55,36 +87,56 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         operands = [a for a in _flat((*args, *kwargs.values())) if isinstance(a, torch.Tensor)]
-        if func in _TRANSPOSES and len(operands) == 1 and operands[0].ndim == 2 and _key(operands[0]) in self.keys:
-            out = func(*args, **kwargs)
-            self.flipped[_key(out)] = self.keys[_key(operands[0])]
-            return out
-        read = self._einsum(args) if func is torch.einsum else self._linear(func, operands)
-        if read:
+        if func in _METADATA:
+            return func(*args, **kwargs)
+        if func in _VIEWS and len(operands) == 1 and operands[0].ndim == 2 and self._name(operands[0]):
+            return self._view(func(*args, **kwargs), operands[0])
+        read = self._einsum(args) if func is torch.einsum else self._linear(func, args, kwargs)
+        if read and not self._name(read[0]):  # a product of two weights is no map of the data
             x, w, side = read
-            if _key(w) in self.flipped:
+            if _key(w) not in self.keys:  # a transposed view: the inputs meet W's other side
                 side = _OTHER_SIDE[side]
             name, rows = self._name(w), x.detach().reshape(-1, x.shape[-1]).double()
             self.sums[name, side] = self.sums.get((name, side), 0) + rows.T @ rows
-            del operands[next(i for i, a in enumerate(operands) if a is w)]  # x may be a weight read another way
+            del operands[next(i for i, a in enumerate(operands) if a is w)]
         for a in operands:
             if self._name(a):
                 self.other.add(self._name(a))
         return func(*args, **kwargs)
 
-    def _linear(self, func, operands: list[torch.Tensor]) -> tuple | None:
-        """(x, W, side) of F.linear(x, W, ...) or x @ W with W a tracked matrix, else None."""
-        side = "columns" if func is F.linear else "rows" if func in _MATMUL else None
-        if side and len(operands) >= 2 and operands[1].ndim == 2 and self._name(operands[1]):
-            return operands[0], operands[1], side
+    def _name(self, t: torch.Tensor) -> str | None:
+        """The weight t is, or is the transpose of (None: neither)."""
+        return self.keys.get(_key(t)) or self.flipped.get(_key(t))
+
+    def _view(self, out, weight: torch.Tensor):
+        """out, a view of a tracked weight: registered where it is the weight's transpose (or the
+        weight itself, or the transpose of its transpose: known already), else a read of it."""
+        name = self._name(weight)
+        flipped = (weight.data_ptr(), tuple(weight.shape[::-1]), tuple(weight.stride()[::-1]))
+        if isinstance(out, torch.Tensor) and _key(out) == flipped:
+            if _key(out) not in self.keys:
+                self.flipped[_key(out)] = name
+        elif not (isinstance(out, torch.Tensor) and self._name(out)):
+            self.other.add(name)
+        return out
+
+    def _linear(self, func, args: tuple, kwargs: dict) -> tuple | None:
+        """(x, W, side) of F.linear(x, W, ...), x @ W or mm(x, W) with W a tracked matrix, else None."""
+        if func not in _LINEAR:
+            return None
+        side, x_name, w_name = _LINEAR[func]
+        x = args[0] if args else kwargs.get(x_name)
+        w = args[1] if len(args) > 1 else kwargs.get(w_name)
+        if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.ndim == 2 and self._name(w):
+            return x, w, side
         return None
 
     def _einsum(self, args: tuple) -> tuple | None:
         """(x with the contracted axis last, W, side) of einsum(eq, x, W) or einsum(eq, W, x) that
         contracts one axis of a tracked matrix W with one axis of x and keeps every other axis of
-        both (a linear map of x along that axis), else None."""
+        both (a linear map of x along that axis; x's may include an ellipsis), else None."""
         tensors = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-        if not args or not isinstance(args[0], str) or len(tensors) != 2 or "->" not in args[0] or "." in args[0]:
+        if not args or not isinstance(args[0], str) or len(tensors) != 2 or "->" not in args[0]:
             return None
         inputs, out = args[0].replace(" ", "").split("->")
         subs = inputs.split(",")
@@ -92,19 +144,18 @@ class _Recorder(TorchFunctionMode):
             w, x, ws, xs = tensors[w_at], tensors[1 - w_at], subs[w_at], subs[1 - w_at]
             if not (isinstance(w, torch.Tensor) and w.ndim == 2 and self._name(w) and isinstance(x, torch.Tensor)):
                 continue
-            kept = [c for c in ws if c in out]
-            if len(set(ws)) != 2 or len(kept) != 1 or kept[0] in xs or len(set(xs)) != len(xs):
+            letters, kept = xs.replace("...", ""), [c for c in ws if c in out]
+            if "." in ws + letters or ("..." in xs) != ("..." in out) or len(set(letters)) != len(letters):
+                continue
+            if len(set(ws)) != 2 or len(kept) != 1 or kept[0] in letters:
                 continue
             (axis,) = set(ws) - set(kept)
-            if xs.count(axis) != 1 or any(c not in out for c in xs if c != axis):
+            if axis not in letters or any(c not in out for c in letters if c != axis):
                 continue
-            side = "rows" if ws[0] == axis else "columns"
-            return x.movedim(xs.index(axis), -1), w, side
+            before, _, after = xs.partition("...")
+            at = before.index(axis) if axis in before else x.ndim - len(after) + after.index(axis)
+            return x.movedim(at, -1), w, "rows" if ws[0] == axis else "columns"
         return None
-
-    def _name(self, t: torch.Tensor) -> str | None:
-        """The weight t is, or is the transpose of (None: neither)."""
-        return self.keys.get(_key(t)) or self.flipped.get(_key(t))
 
 
 def _flat(values) -> list:

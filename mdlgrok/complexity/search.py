@@ -117,6 +117,12 @@ class LossOracle:
         self.original = copy.deepcopy(self.slots)  # a deep copy keeps tied weights tied (targets_of aliases them)
         self.loss_fn, self.calls, self.seconds = loss_fn, 0, 0.0  # calls, and the time inside them
 
+    def restore(self) -> None:
+        """Put the original weights back in the probe (no loss call)."""
+        with torch.no_grad():
+            for name, slot in self.slots.items():
+                slot.copy_(self.original[name])
+
     def __call__(self, tensors: dict[str, torch.Tensor], constrained: bool = True) -> float:
         """Loss with `tensors` in place of the originals (the others are the originals); inf where
         `accept` rejects it, unless constrained=False (the loss alone)."""
