@@ -161,6 +161,7 @@ def checkpoint_report(path: str, cfg: MeasureConfig | None = None, accuracy_drop
             + (f"(k={c['rank']})" if c["kind"] == "lowrank" else "")
             + (f"[{c['rows']} rows read]" if c.get("rows") else "")
             + (f"[Fourier {c['fourier']}]" if c.get("fourier") else "")
+            + ("[transposed]" if c.get("transposed") else "")
             for c in last.choices
             if c["kind"] != "raw"
         )

@@ -200,6 +200,9 @@ def test_a_kernel_is_coded_transposed_and_decodes_in_its_own_layout():
     results = estimate(model, loss_fn, [0.5, 0.05])
     assert results[0].norms == "data-aware"
     for r in results:
+        for c in r.choices:  # the kernels' codes describe their transposes
+            coded_kernel = c["name"] in ("k", "k2") and c["kind"] in ("dense", "lowrank")
+            assert c["transposed"] is (True if coded_kernel else None)
         probe = copy.deepcopy(model)
         probe.load_state_dict(decode(r.payload))
         assert loss_fn(probe) == r.coarse_loss <= r.base_loss + r.eps

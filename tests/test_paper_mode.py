@@ -91,8 +91,8 @@ def check_choices(model, r):
     assert len(taus) == 1 and 0 <= taus.pop() <= 1
     assert len(deltas) == 1 and 1e-3 <= deltas.pop() <= 1
     for c in r.choices:
-        assert set(c) == {"name", "kind", "rank", "bins", "rows", "fourier", "tau"}
-        assert c["rows"] is None and c["fourier"] is None
+        assert set(c) == {"name", "kind", "rank", "bins", "rows", "fourier", "transposed", "tau"}
+        assert c["rows"] is None and c["fourier"] is None and c["transposed"] is None
         if c["kind"] == "lowrank":
             assert len(c["bins"]) == 2 and 0 <= c["rank"] < min(decoded[c["name"]].shape)  # tau 0: rank 0
             assert torch.linalg.matrix_rank(decoded[c["name"]], rtol=1e-4) <= c["rank"]  # float32 product

@@ -68,8 +68,9 @@ def naive_bits(model: torch.nn.Module) -> int:
 
 def choices_of(entries: list[Entry]) -> list[dict]:
     """Per entry: name, kind, rank, bin widths, rows: how many rows are coded where the loss
-    reads only some (the others decode to zero), else None, and fourier: how many leading rows
-    (of the matrix, or of its factor A) are coded as Fourier coefficients, else None."""
+    reads only some (the others decode to zero), else None, fourier: how many leading rows (of
+    the matrix, or of its factor A) are coded as Fourier coefficients, else None, and transposed:
+    True where the codes describe the matrix's transpose (a weight read as x @ W), else None."""
     return [
         {
             "name": e.name,
@@ -78,6 +79,7 @@ def choices_of(entries: list[Entry]) -> list[dict]:
             "bins": [bin_width(j) for j in e.bins],
             "rows": len(e.rows) or None,
             "fourier": e.fourier or None,
+            "transposed": e.transposed or None,
         }
         for e in entries
     ]

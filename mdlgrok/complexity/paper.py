@@ -170,6 +170,7 @@ def paper_choices(payload: bytes, tau: float, delta: float) -> list[dict]:
             "bins": [delta] * len(a),
             "rows": None,
             "fourier": None,
+            "transposed": None,
             "tau": tau,
         }
         for name, a in arrays.items()
