@@ -188,18 +188,25 @@ def test_gptq_with_identity_moments_is_plain_rounding():
         assert np.array_equal(c, quantize(w, j))
 
 
-@FAST
-@given(st.integers(0, 10_000), st.integers(-24, 0))
-def test_gptq_error_in_the_h_norm_is_below_plain_rounding(seed, j):
-    h = correlated_moment(12, seed)
-    w = np.random.default_rng(seed + 1).normal(size=(8, 12))
-    (codes,) = gptq_codes(w, [j], upper_cholesky_of_inverse(h))
+@pytest.mark.parametrize("j", [-24, -16, -8, 0])
+def test_gptq_error_in_the_h_norm_is_below_plain_rounding(j):
+    """GPTQ is greedy: on about one matrix in a thousand its H-norm error exceeds rounding to
+    nearest. Over 200 seeded matrices it is below in nearly all of them, and far below in total."""
 
-    def h_err(c):
+    def h_err(c, w, h):
         d = c * bin_width(j) - w
         return float(((d @ h) * d).sum())
 
-    assert h_err(codes) <= h_err(quantize(w, j)) * 1.000001 + 1e-12
+    gptq, nearest = [], []
+    for seed in range(200):
+        h = correlated_moment(12, seed)
+        w = np.random.default_rng(seed + 1).normal(size=(8, 12))
+        (codes,) = gptq_codes(w, [j], upper_cholesky_of_inverse(h))
+        gptq.append(h_err(codes, w, h))
+        nearest.append(h_err(quantize(w, j), w, h))
+    gptq, nearest = np.array(gptq), np.array(nearest)
+    assert (gptq <= nearest * 1.000001 + 1e-12).mean() >= 0.97
+    assert gptq.sum() < 0.9 * nearest.sum()
 
 
 def test_gptq_rows_are_independent_and_blocks_do_not_matter():
