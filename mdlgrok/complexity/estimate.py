@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from threadpoolctl import threadpool_limits
 
-from mdlgrok.complexity.coarse import targets_of
+from mdlgrok.complexity.coarse import Target, targets_of
 from mdlgrok.complexity.moments import input_moments
 from mdlgrok.complexity.payload import Entry, bin_width, decode, encode_all
 from mdlgrok.complexity.search import LossError, LossOracle, Search, all_options, within
@@ -205,14 +205,14 @@ def estimate(
     check_repeatable(oracle, base)
     rows = read_rows(oracle, base)
     oracle.restore()  # the moments are read off the original weights
-    moments, norms = read_moments(oracle, data_aware, rows)
+    aware, norms = aware_targets(oracle, data_aware, rows)
     # numpy's BLAS on one thread (search.all_options raises it for a large model's factorizations);
     # torch keeps its own. The naive size (bzip2 of every parameter, GIL released) is computed
     # beside the search.
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(1) as aside:
         naive_future = aside.submit(naive_bits, model)
         candidates = {e: [] for e in eps}  # eps -> the verified payloads of its own searches
-        for search, its_eps in searches(oracle, base, rows, moments, lowrank, seed, eps):
+        for search, its_eps in searches(oracle, base, aware, rows, lowrank, seed, eps):
             checked = {}  # choice -> its verified payload: eps that agree share one check
             for e in its_eps:
                 choice = search.best(e, polish=polish)
@@ -250,34 +250,36 @@ def estimate(
     return results
 
 
-def read_moments(oracle: LossOracle, data_aware: bool, rows: dict) -> tuple[dict, str]:
-    """The input moments of the linear maps that the search can use (coarse.targets_of keeps
-    them), and how errors will be measured. A closure that cannot run under the recorder leaves
-    the plain norms, with a warning and a note in every Result."""
-    if not data_aware:
-        return {}, "frobenius (data_aware=False)"
-    try:
-        moments = input_moments(oracle.loss_fn, oracle.probe, oracle.slots)
-    except Exception as exc:  # the closure, not the search: say so, measure in plain norms
-        warnings.warn(
-            f"input moments could not be read ({type(exc).__name__}: {exc}); errors are measured in Frobenius norms",
-            stacklevel=3,
-        )
-        return {}, f"frobenius (input moments unreadable: {type(exc).__name__})"
-    used = {t.name for t in targets_of(oracle.original, rows, moments) if t.h is not None}
-    moments = {name: h for name, h in moments.items() if name in used}
-    return moments, "data-aware" if moments else "frobenius (no matrix read only as a linear map)"
+def aware_targets(oracle: LossOracle, data_aware: bool, rows: dict) -> tuple[list[Target], str]:
+    """The targets of the data-aware search, with the input moments of the linear maps they can
+    use (coarse.targets_of), and how errors will be measured. A closure that cannot run under
+    the recorder leaves the plain norms, with a warning and a note in every Result."""
+    moments, norms = {}, "frobenius (data_aware=False)"
+    if data_aware:
+        try:
+            moments, norms = input_moments(oracle.loss_fn, oracle.probe, oracle.slots), ""
+        except Exception as exc:  # the closure, not the search: say so, measure in plain norms
+            warnings.warn(
+                f"input moments could not be read ({type(exc).__name__}: {exc}); "
+                "errors are measured in Frobenius norms",
+                stacklevel=3,
+            )
+            norms = f"frobenius (input moments unreadable: {type(exc).__name__})"
+    targets = targets_of(oracle.original, rows, moments)
+    if not norms:
+        aware = any(t.h is not None for t in targets)
+        norms = "data-aware" if aware else "frobenius (no matrix read only as a linear map)"
+    return targets, norms
 
 
-def searches(oracle: LossOracle, base: float, rows, moments, lowrank: bool, seed: int, eps: list[float]):
-    """(search, its eps): the search with errors in the data-aware norms for every eps, then
-    (where moments were found) one with plain Frobenius errors and the same sensitivities for
-    the eps of at least PLAIN_EPS nats: the quadratic model behind the norms fails where eps
+def searches(oracle: LossOracle, base: float, aware: list[Target], rows, lowrank: bool, seed: int, eps: list[float]):
+    """(search, its eps): the search over `aware` (errors in the data-aware norms where a target
+    has moments) for every eps, then (where one has) one with plain Frobenius errors and the
+    same sensitivities for the eps of at least PLAIN_EPS nats: the quadratic model behind the norms fails where eps
     lets the network be badly damaged, and either can find the cheaper configuration there.
     The options of both are built at once (search.all_options)."""
-    aware = targets_of(oracle.original, rows, moments)
     large = [e for e in eps if e >= PLAIN_EPS]
-    plain = targets_of(oracle.original, rows) if moments and large else []
+    plain = targets_of(oracle.original, rows) if large and any(t.h is not None for t in aware) else []
     plain = [a if a.h is None else p for a, p in zip(aware, plain)]  # without moments: one target for both
     # one call for both: on a large model its threads then share all the work
     unique = list({id(t): t for t in aware + plain if t.quantizable}.values())
