@@ -45,3 +45,21 @@ def test_a_missing_checkpoint_is_one_line_and_status_2(runs, tmp_path, monkeypat
     out = tmp_path / "bench.parquet"
     assert bench(monkeypatch, runs / "add-s0", "--epochs", 5, "--out", out) == 2
     assert "lacks checkpoints [5]" in capsys.readouterr().err and not out.exists()
+
+
+def test_one_search_again_keeps_the_others_rows_of_the_same_checkpoints(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.parquet"
+    assert bench(monkeypatch, runs / "add-s0", runs / "add-s1", "--epochs", 2, "--eps", 2.0, 1.0, "--out", out) == 0
+    before = pd.read_parquet(out)
+    assert bench(monkeypatch, runs / "add-s0", "--epochs", 2, "--eps", 2.0, "--out", out, "--modes", "mdlgrok") == 0
+    after = pd.read_parquet(out)
+    assert len(after) == 2 and set(after["mode"]) == {"mdlgrok", "paper"}  # add-s0 at eps 2 only
+    paper = after[after["mode"] == "paper"].iloc[0]
+    old = before[(before["mode"] == "paper") & (before.run == "add-s0") & (before.eps == 2.0)].iloc[0]
+    assert paper.bytes == old.bytes and paper.seconds_all_eps == old.seconds_all_eps  # kept, not rerun
+
+
+def test_one_search_without_a_table_to_keep_the_other_from_is_status_2(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "none.parquet"
+    assert bench(monkeypatch, runs / "add-s0", "--epochs", 2, "--out", out, "--modes", "mdlgrok") == 2
+    assert "give an existing table" in capsys.readouterr().err and not out.exists()

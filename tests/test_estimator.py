@@ -595,3 +595,25 @@ def test_best_calibrates_again_after_a_polish_that_changed_the_configuration(mon
     assert calibrated == [(0,), (1,)]  # the polished configuration got its own calibration
     calibrated.clear()
     assert search.best(1.0, polish=False) == ((0,), (0,)) and not calibrated
+
+
+def test_polish_finds_a_far_feasible_hull_point_past_an_infeasible_one_in_few_loss_calls(monkeypatch):
+    from mdlgrok.complexity import search as S
+    from mdlgrok.complexity.coarse import targets_of
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 4)
+    model = nn.Linear(4, 4, bias=False)
+    oracle = LossOracle(model, ce_closure(x, x.argmax(1)))
+    search = S.Search(targets_of(oracle.original), oracle, oracle({}))
+    search.hulls = [[S.Option("dense", 100.0 - h, float(h)) for h in range(40)]]
+    feasible = set(range(0, 3)) | set(range(4, 30))  # point 3 fails (a bump), 4-29 hold, 30 on fail
+    calls = []
+    monkeypatch.setattr(search, "feasible", lambda config, eps, shift=None: calls.append(config) or config[0] in feasible)
+    assert search._coarsest([0], 0, 1.0, (0,)) == 29  # steps 1, 2, 4, 8, 16 hold, 32 fails: bisect 16..32
+    assert len(calls) <= 11  # one step at a time took 30
+    calls.clear()
+    search.hulls = [search.hulls[0][:3]]
+    assert search._coarsest([0], 0, 1.0, (0,)) == 2 and len(calls) == 2  # up to the hull's last point
+    calls.clear()
+    assert search._coarsest([2], 0, 1.0, (0,)) == 2 and not calls  # nothing coarser to try

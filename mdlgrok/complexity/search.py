@@ -629,15 +629,36 @@ class Search:
             for i in order:
                 if self.hulls[i][config[i]].bits < POLISH_MIN_SHARE * total:
                     continue
-                while config[i] + 1 < len(self.hulls[i]):
-                    trial = config.copy()
-                    trial[i] += 1
-                    if not self.feasible(tuple(trial), eps, shift):
-                        break
-                    config, changed = trial, True
+                coarsest = self._coarsest(config, i, eps, shift)
+                if coarsest != config[i]:
+                    config[i], changed = coarsest, True
             if not changed:
                 break
         return tuple(config)
+
+    def _coarsest(self, config: list[int], i: int, eps: float, shift: tuple[int, ...]) -> int:
+        """The coarsest hull point of tensor i found feasible with the others fixed: steps of 1, 2,
+        4, ... points while feasible, then a bisection between the last feasible and the first
+        infeasible. The real loss is not monotone along a hull (its points alternate between
+        kinds and bases), so a far point may hold where a nearer one failed."""
+
+        def feasible(h: int) -> bool:
+            trial = config.copy()
+            trial[i] = h
+            return self.feasible(tuple(trial), eps, shift)
+
+        ok, last, step = config[i], len(self.hulls[i]) - 1, 1
+        bad = last + 1
+        while ok < last:
+            h = min(config[i] + step, last)
+            if not feasible(h):
+                bad = h
+                break
+            ok, step = h, 2 * step
+        while bad - ok > 1:
+            mid = (ok + bad) // 2
+            ok, bad = (mid, bad) if feasible(mid) else (ok, mid)
+        return ok
 
 
 def shifted(entry: Entry, shift: int) -> Entry:
