@@ -609,7 +609,8 @@ def test_polish_finds_a_far_feasible_hull_point_past_an_infeasible_one_in_few_lo
     search.hulls = [[S.Option("dense", 100.0 - h, float(h)) for h in range(40)]]
     feasible = set(range(0, 3)) | set(range(4, 30))  # point 3 fails (a bump), 4-29 hold, 30 on fail
     calls = []
-    monkeypatch.setattr(search, "feasible", lambda config, eps, shift=None: calls.append(config) or config[0] in feasible)
+    holds = lambda config, eps, shift=None: calls.append(config) or config[0] in feasible  # noqa: E731
+    monkeypatch.setattr(search, "feasible", holds)
     assert search._coarsest([0], 0, 1.0, (0,)) == 29  # steps 1, 2, 4, 8, 16 hold, 32 fails: bisect 16..32
     assert len(calls) <= 11  # one step at a time took 30
     calls.clear()
