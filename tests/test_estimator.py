@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mdlgrok.complexity import LossError, decode, estimate, naive_bits, paper_estimate
-from mdlgrok.complexity.estimate import PLAIN_EPS, read_rows
+from mdlgrok.complexity.estimate import read_rows
 from mdlgrok.complexity.search import LossOracle
 from mdlgrok.models import ModelConfig, build_model
 from mdlgrok.tasks import TaskConfig, make_dataset
@@ -236,10 +236,10 @@ def test_data_aware_search_reads_moments_of_the_linear_layers(trained, monkeypat
     estimate(model, loss_fn, [1.0])
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     used = linear - {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight"}  # q, k: unused by the paper attention
-    assert [set(m or {}) for m in seen] == [used]  # below PLAIN_EPS only the data-aware search runs
+    assert [set(m or {}) for m in seen] == [used]
     seen.clear()
-    estimate(model, loss_fn, [1.0, PLAIN_EPS])
-    assert [set(m or {}) for m in seen] == [used, set()]  # then one in plain norms for the large eps
+    estimate(model, loss_fn, [1.0, 4.0])
+    assert [set(m or {}) for m in seen] == [used]  # one data-aware search for every eps
     seen.clear()
     estimate(model, loss_fn, [1.0], data_aware=False)
     assert seen == [{}]
@@ -324,7 +324,7 @@ def test_a_module_with_extra_state_codes_its_tensors_alone():
 
 def test_moments_that_no_target_can_use_leave_one_search_in_plain_norms(monkeypatch):
     """A (d x 1) kernel read as x @ w has moments but no rank or GPTQ to use them: the result
-    says plain norms, and no second, plain-norm search runs over the same targets."""
+    says plain norms, and one search runs."""
     estimate_module = sys.modules["mdlgrok.complexity.estimate"]
     searches = []
     real = estimate_module.Search
@@ -588,7 +588,7 @@ def test_best_calibrates_again_after_a_polish_that_changed_the_configuration(mon
     oracle = LossOracle(model, loss_fn)
     search = S.Search(targets_of(oracle.original), oracle, oracle({}))
     calibrated, polished = [], iter([(1,), (1,)])  # the first polish coarsens, the second does not
-    monkeypatch.setattr(search, "start", lambda eps: ((0,), (0,)))
+    monkeypatch.setattr(search, "starts", lambda eps: [((0,), (0,))])
     monkeypatch.setattr(search, "_calibrate", lambda config, shift: calibrated.append(config) or (len(calibrated),))
     monkeypatch.setattr(search, "_polish", lambda config, eps, shift: next(polished))
     assert search.best(1.0) == ((1,), (2,))
@@ -618,3 +618,39 @@ def test_polish_finds_a_far_feasible_hull_point_past_an_infeasible_one_in_few_lo
     assert search._coarsest([0], 0, 1.0, (0,)) == 2 and len(calls) == 2  # up to the hull's last point
     calls.clear()
     assert search._coarsest([2], 0, 1.0, (0,)) == 2 and not calls  # nothing coarser to try
+
+
+def test_a_payload_that_fails_its_check_gives_the_lossless_one(trained, monkeypatch):
+    """Were a chosen configuration's decoded weights to miss the constraint, the eps reports the
+    lossless payload (raw bytes), never a figure that was not checked."""
+    estimate_module = sys.modules["mdlgrok.complexity.estimate"]
+    real = estimate_module.verify
+
+    def failing(entries, oracle):
+        payload, loss, sizes, entries = real(entries, oracle)
+        lossless = all(e.kind in ("raw", "alias") for e in entries)
+        return payload, loss if lossless else math.inf, sizes, entries
+
+    monkeypatch.setattr(estimate_module, "verify", failing)
+    model, _, loss_fn, _, _ = trained
+    (r,) = estimate(model, loss_fn, [1.0])
+    assert {c["kind"] for c in r.choices} <= {"raw", "alias"} and r.coarse_loss == r.base_loss
+    assert decode(r.payload).keys() == model.state_dict().keys()
+
+
+def test_from_multi_start_eps_the_cheapest_starts_of_two_paths_are_refined(monkeypatch):
+    from mdlgrok.complexity import search as S
+    from mdlgrok.complexity.coarse import targets_of
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 4)
+    model = nn.Linear(4, 4, bias=False)
+    oracle = LossOracle(model, ce_closure(x, x.argmax(1)))
+    search = S.Search(targets_of(oracle.original), oracle, oracle({}))
+    search.hulls = [[S.Option("dense", 100.0 - h, float(h)) for h in range(10)]]
+    cheap, roomy = ((5,), (0,)), ((3,), (0,))  # the cheapest start polishes to 6, the other to 8
+    monkeypatch.setattr(search, "starts", lambda eps: [cheap, roomy])
+    monkeypatch.setattr(search, "_refined", lambda choice, eps: ((choice[0][0] + (1 if choice == cheap else 5),), (0,)))
+    assert search.best(S.MULTI_START_EPS) == ((8,), (0,))  # the start with room wins
+    assert search.best(S.MULTI_START_EPS / 2) == ((6,), (0,))  # below, the cheapest start alone
+    assert search.best(S.MULTI_START_EPS, polish=False) == cheap

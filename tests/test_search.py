@@ -1,13 +1,12 @@
 """The search's option statistics: GPTQ's bits and errors, exact on small matrices and on the
 bins it rounds, estimated between them on large ones."""
 
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from mdlgrok.complexity import estimate, search
+from mdlgrok.complexity import search
 from mdlgrok.complexity.coarse import gptq_codes, targets_of
 from mdlgrok.complexity.codecs import empirical_bits
 from mdlgrok.complexity.payload import matrix_shape
@@ -167,26 +166,3 @@ def test_a_row_sample_estimates_the_statistics_of_a_tall_factor(monkeypatch):
         mid = (per_weight > 2) & (per_weight < search.HIGH_RATE_BITS)
         np.testing.assert_allclose(bits[mid], b[mid], rtol=0.05)
         np.testing.assert_allclose(err.sum(), e.sum(), rtol=0.1)
-
-
-def test_a_tensor_without_moments_is_one_target_in_both_searches(monkeypatch):
-    """The plain-norm search (eps >= PLAIN_EPS) measures a tensor that has no input moments as
-    the data-aware search does: its options are built once, for both."""
-    estimate_module = sys.modules["mdlgrok.complexity.estimate"]  # the package exports the function
-    built = []
-    real = estimate_module.all_options
-    monkeypatch.setattr(estimate_module, "all_options", lambda ts, *a, **k: built.append(ts) or real(ts, *a, **k))
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Flatten(), torch.nn.Linear(16, 10))
-    x = torch.randint(0, 10, (40, 2))
-    y = x[:, 0]
-
-    def loss_fn(m):
-        with torch.no_grad():
-            return float(torch.nn.functional.cross_entropy(m(x), y))
-
-    estimate(model, loss_fn, [4.0, 0.5])
-    (targets,) = built
-    names = [t.name for t in targets]
-    assert names.count("0.weight") == 1 and names.count("2.weight") == 2  # 2.weight: in either norm
-    assert sorted(t.h is None for t in targets if t.name == "2.weight") == [False, True]

@@ -23,11 +23,10 @@ from threadpoolctl import threadpool_limits
 from mdlgrok.complexity.coarse import Target, targets_of
 from mdlgrok.complexity.moments import input_moments
 from mdlgrok.complexity.payload import Entry, bin_width, decode, encode_all
-from mdlgrok.complexity.search import LossError, LossOracle, Search, all_options, within
+from mdlgrok.complexity.search import LossError, LossOracle, Search, within
 
 PAPER_EPS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
 REPEAT_TOLERANCE = 1e-6  # relative: how far a second loss call on the same weights may stray
-PLAIN_EPS = 2.0  # nats: the search in plain norms runs beside the data-aware one from here up
 
 
 @dataclass
@@ -211,21 +210,22 @@ def estimate(
     # beside the search.
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(1) as aside:
         naive_future = aside.submit(naive_bits, model)
-        candidates = {e: [] for e in eps}  # eps -> the verified payloads of its own searches
-        for search, its_eps in searches(oracle, base, aware, rows, lowrank, seed, eps):
-            checked = {}  # choice -> its verified payload: eps that agree share one check
-            for e in its_eps:
-                choice = search.best(e, polish=polish)
-                if choice not in checked:
-                    checked[choice] = verify(search.entries(choice), oracle)
-                candidates[e].append(checked[choice])
+        search = Search(aware, oracle, base, lowrank=lowrank, seed=seed)
+        checked = {}  # choice -> its verified payload: eps that agree share one check
+        verified = {}
+        for e in eps:
+            choice = search.best(e, polish=polish)
+            if choice not in checked:
+                checked[choice] = verify(search.entries(choice), oracle)
+            if not within(checked[choice][1], base, e):  # the decoded weights failed: the lossless payload
+                choice = None
+                checked[choice] = checked.get(choice) or verify(search.entries(choice), oracle)
+            verified[e] = checked[choice]
         naive = naive_future.result()
     seconds = time.perf_counter() - start
     results = []
     for e in eps:
-        payload, loss, sizes, entries = min(
-            (v for v in candidates[e] if within(v[1], base, e)), key=lambda v: len(v[0])
-        )
+        payload, loss, sizes, entries = verified[e]
         extra = _extra(eval_fn, oracle, payload)
         results.append(
             Result(
@@ -270,28 +270,6 @@ def aware_targets(oracle: LossOracle, data_aware: bool, rows: dict) -> tuple[lis
         aware = any(t.h is not None for t in targets)
         norms = "data-aware" if aware else "frobenius (no matrix read only as a linear map)"
     return targets, norms
-
-
-def searches(oracle: LossOracle, base: float, aware: list[Target], rows, lowrank: bool, seed: int, eps: list[float]):
-    """(search, its eps): the search over `aware` (errors in the data-aware norms where a target
-    has moments) for every eps, then (where one has) one with plain Frobenius errors and the
-    same sensitivities for the eps of at least PLAIN_EPS nats: the quadratic model behind the norms fails where eps
-    lets the network be badly damaged, and either can find the cheaper configuration there.
-    The options of both are built at once (search.all_options)."""
-    large = [e for e in eps if e >= PLAIN_EPS]
-    plain = targets_of(oracle.original, rows) if large and any(t.h is not None for t in aware) else []
-    plain = [a if a.h is None else p for a, p in zip(aware, plain)]  # without moments: one target for both
-    # one call for both: on a large model its threads then share all the work
-    unique = list({id(t): t for t in aware + plain if t.quantizable}.values())
-    built = dict(zip(map(id, unique), all_options(unique, lowrank, threads=torch.get_num_threads())))
-
-    def hulls(targets):
-        return [built[id(t)] for t in targets if t.quantizable]
-
-    first = Search(aware, oracle, base, lowrank=lowrank, seed=seed, hulls=hulls(aware))
-    yield first, eps
-    if plain:
-        yield Search(plain, oracle, base, lowrank=lowrank, sens=first.sens, hulls=hulls(plain)), large
 
 
 def verify(entries: list[Entry], oracle: LossOracle) -> tuple[bytes, float, dict[str, int], list[Entry]]:

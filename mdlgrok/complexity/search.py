@@ -14,10 +14,11 @@
    shrinkage of the sensitivities toward their geometric mean (`shrink`), since the
    probe's spread between tensors is only roughly right where the constraint binds.
 4. Search. For each eps, a binary search along every path with the real loss on the full
-   training set; from the cheapest feasible point that this eps' searches evaluated, a
-   calibration of the decoded bins (the same codes scaled by grid steps), then a greedy pass
-   that coarsens single tensors further while the constraint holds (both once more where that
-   pass changed the configuration). Losses are cached and shared by all eps and paths, but
+   training set; from the cheapest feasible point that this eps' searches evaluated (from
+   MULTI_START_EPS up, from each of the cheapest of MULTI_STARTS paths), a calibration of the
+   decoded bins (the same codes scaled by grid steps), then a greedy pass that coarsens single
+   tensors further while the constraint holds (both once more where that pass changed the
+   configuration). Losses are cached and shared by all eps and paths, but
    each eps chooses only among the points its own steps visited: the answer for an eps does
    not depend on which other eps were asked.
 """
@@ -65,6 +66,8 @@ SHRINKAGE = (0.0, 0.5, 1.0)  # exponents beta tried for the sensitivities (1: as
 MAX_SHIFT = 8  # calibration: decoded bins at most 2^(8/8) from the coding bin
 POLISH_PASSES = 2
 ROUNDS = 2  # rounds of calibration and polish
+MULTI_START_EPS = 2.0  # nats: from here up, the cheapest starts of several paths are refined
+MULTI_STARTS = 2
 POLISH_MIN_SHARE = 0.01  # polish tensors holding at least 1% of the bits
 RANKS = (
     1,
@@ -475,23 +478,12 @@ Choice = tuple[tuple[int, ...], tuple[int, ...]]  # (hull index, bin shift) per 
 class Search:
     """State of one checkpoint's search, shared by all eps."""
 
-    def __init__(
-        self,
-        targets: list[Target],
-        oracle: LossOracle,
-        base: float,
-        lowrank: bool = True,
-        seed: int = 0,
-        sens: list[float] | None = None,
-        hulls: list[list[Option]] | None = None,
-    ):
-        """sens: the sensitivities of the quantizable targets, if another search measured them;
-        hulls: their options (all_options), if built already."""
+    def __init__(self, targets: list[Target], oracle: LossOracle, base: float, lowrank: bool = True, seed: int = 0):
         self.targets, self.oracle, self.base = targets, oracle, base
         self.free = [t for t in targets if t.quantizable]
-        self.hulls = hulls if hulls is not None else all_options(self.free, lowrank, threads=torch.get_num_threads())
+        self.hulls = all_options(self.free, lowrank, threads=torch.get_num_threads())
         rng = np.random.default_rng(seed)
-        self.sens = sens if sens is not None else [sensitivity(t, oracle, base, rng) for t in self.free]
+        self.sens = [sensitivity(t, oracle, base, rng) for t in self.free]
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
         self.cache: dict[Choice, float] = {}
         self.tensors: dict[tuple[int, int, int], torch.Tensor] = {}  # (tensor, hull index, shift) -> decoded
@@ -550,19 +542,31 @@ class Search:
     def bits(self, config: tuple[int, ...]) -> float:
         return sum(h[c].bits for h, c in zip(self.hulls, config))
 
-    def start(self, eps: float) -> Choice | None:
-        """The choice with the fewest bits that this eps' own path searches found feasible (None:
-        lossless). It depends on eps alone."""
-        visited = [key for p in range(len(self.paths)) for key in self._along(p, eps)]
-        found = [key for key in visited if within(self.cache[key], self.base, eps)]
-        return min(found, key=lambda key: self.bits(key[0])) if found else None  # the first of equals
+    def starts(self, eps: float) -> list[Choice]:
+        """The cheapest choice that each path's search for eps found feasible, distinct ones, fewest
+        bits first (the first path's of equals). It depends on eps alone."""
+        out: list[Choice] = []
+        for p in range(len(self.paths)):
+            found = [key for key in self._along(p, eps) if within(self.cache[key], self.base, eps)]
+            if found:
+                cheapest = min(found, key=lambda key: self.bits(key[0]))  # the first of equals
+                if cheapest not in out:
+                    out.append(cheapest)
+        return sorted(out, key=lambda key: self.bits(key[0]))
 
     def best(self, eps: float, polish: bool = True) -> Choice | None:
-        """The start for eps, calibrated and polished: calibration and polish repeated while the
-        polish changes the configuration."""
-        choice = self.start(eps)
-        if choice is None or not polish:
-            return choice
+        """The cheapest start for eps (None: lossless), calibrated and polished; from MULTI_START_EPS
+        up, the cheapest starts of MULTI_STARTS paths, each refined, the one left with the fewest
+        bits. Where the constraint lets the network be badly damaged, the cheapest start can be
+        the one with the least room to polish."""
+        starts = self.starts(eps)
+        if not starts or not polish:
+            return starts[0] if starts else None
+        tried = starts[: MULTI_STARTS if eps >= MULTI_START_EPS else 1]
+        return min((self._refined(choice, eps) for choice in tried), key=lambda c: self.bits(c[0]))
+
+    def _refined(self, choice: Choice, eps: float) -> Choice:
+        """Calibration and polish, repeated while the polish changes the configuration."""
         config, shift = choice
         for _ in range(ROUNDS):
             shift = self._calibrate(config, shift)
