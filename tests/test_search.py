@@ -1,7 +1,6 @@
 """The search's option statistics: GPTQ's bits and errors, exact on small matrices and on the
 bins it rounds, estimated between them on large ones."""
 
-
 import numpy as np
 import pytest
 import torch
