@@ -597,7 +597,8 @@ def test_best_calibrates_again_after_a_polish_that_changed_the_configuration(mon
     assert search.best(1.0, polish=False) == ((0,), (0,)) and not calibrated
 
 
-def test_polish_finds_a_far_feasible_hull_point_past_an_infeasible_one_in_few_loss_calls(monkeypatch):
+def one_hull_search(points: int):
+    """A search over one tensor whose hull is replaced by `points` made-up options (bits 100, 99, ...)."""
     from mdlgrok.complexity import search as S
     from mdlgrok.complexity.coarse import targets_of
 
@@ -606,7 +607,12 @@ def test_polish_finds_a_far_feasible_hull_point_past_an_infeasible_one_in_few_lo
     model = nn.Linear(4, 4, bias=False)
     oracle = LossOracle(model, ce_closure(x, x.argmax(1)))
     search = S.Search(targets_of(oracle.original), oracle, oracle({}))
-    search.hulls = [[S.Option("dense", 100.0 - h, float(h)) for h in range(40)]]
+    search.hulls = [[S.Option("dense", 100.0 - h, float(h)) for h in range(points)]]
+    return search
+
+
+def test_polish_finds_a_far_feasible_hull_point_past_an_infeasible_one_in_few_loss_calls(monkeypatch):
+    search = one_hull_search(40)
     feasible = set(range(0, 3)) | set(range(4, 30))  # point 3 fails (a bump), 4-29 hold, 30 on fail
     calls = []
     holds = lambda config, eps, shift=None: calls.append(config) or config[0] in feasible  # noqa: E731
@@ -640,14 +646,8 @@ def test_a_payload_that_fails_its_check_gives_the_lossless_one(trained, monkeypa
 
 def test_from_multi_start_eps_the_cheapest_starts_of_two_paths_are_refined(monkeypatch):
     from mdlgrok.complexity import search as S
-    from mdlgrok.complexity.coarse import targets_of
 
-    torch.manual_seed(0)
-    x = torch.randn(200, 4)
-    model = nn.Linear(4, 4, bias=False)
-    oracle = LossOracle(model, ce_closure(x, x.argmax(1)))
-    search = S.Search(targets_of(oracle.original), oracle, oracle({}))
-    search.hulls = [[S.Option("dense", 100.0 - h, float(h)) for h in range(10)]]
+    search = one_hull_search(10)
     cheap, roomy = ((5,), (0,)), ((3,), (0,))  # the cheapest start polishes to 6, the other to 8
     monkeypatch.setattr(search, "starts", lambda eps: [cheap, roomy])
     monkeypatch.setattr(search, "_refined", lambda choice, eps: ((choice[0][0] + (1 if choice == cheap else 5),), (0,)))
