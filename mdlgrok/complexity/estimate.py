@@ -211,16 +211,7 @@ def estimate(
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(1) as aside:
         naive_future = aside.submit(naive_bits, model)
         search = Search(aware, oracle, base, lowrank=lowrank, seed=seed)
-        checked = {}  # choice -> its verified payload: eps that agree share one check
-        verified = {}
-        for e in eps:
-            choice = search.best(e, polish=polish)
-            if choice not in checked:
-                checked[choice] = verify(search.entries(choice), oracle)
-            if not within(checked[choice][1], base, e):  # the decoded weights failed: the lossless payload
-                choice = None
-                checked[choice] = checked.get(choice) or verify(search.entries(choice), oracle)
-            verified[e] = checked[choice]
+        verified = verified_payloads(search, eps, polish)
         naive = naive_future.result()
     seconds = time.perf_counter() - start
     results = []
@@ -270,6 +261,21 @@ def aware_targets(oracle: LossOracle, data_aware: bool, rows: dict) -> tuple[lis
         aware = any(t.h is not None for t in targets)
         norms = "data-aware" if aware else "frobenius (no matrix read only as a linear map)"
     return targets, norms
+
+
+def verified_payloads(search: Search, eps: list[float], polish: bool) -> dict[float, tuple]:
+    """Per eps, the verified payload of the search's best choice; where its decoded weights miss
+    the constraint, the lossless payload (raw bytes), never an unchecked figure. Eps that agree
+    on a choice share one check."""
+    checked, out = {}, {}
+    for e in eps:
+        for choice in (search.best(e, polish=polish), None):  # None: lossless
+            if choice not in checked:
+                checked[choice] = verify(search.entries(choice), search.oracle)
+            if choice is None or within(checked[choice][1], search.base, e):
+                out[e] = checked[choice]
+                break
+    return out
 
 
 def verify(entries: list[Entry], oracle: LossOracle) -> tuple[bytes, float, dict[str, int], list[Entry]]:
