@@ -93,13 +93,12 @@ def main() -> int:
         rows += bench_checkpoint(path, args.eps, args.modes)
         print(f"checkpoint {i + 1}/{len(todo)} done: {path}", file=sys.stderr, flush=True)
     df = pd.DataFrame(rows)
+    index = ["run", "epoch", "eps"]
     if len(kept):
-        key = ["run", "epoch", "eps"]
-        kept = kept.merge(df[key].drop_duplicates(), on=key)  # only the checkpoints and eps measured now
+        kept = kept.merge(df[index].drop_duplicates(), on=index)  # only the checkpoints and eps measured now
         df = pd.concat([df, kept], ignore_index=True).sort_values(
             ["run", "epoch", "mode", "eps"], ascending=[True, True, True, False]
         )
-    index = ["run", "epoch", "eps"]
     wide = df.pivot_table(index=index, columns="mode", values="bytes").sort_index(ascending=[True, True, False])
     wide["mdlgrok/paper"] = wide["mdlgrok"] / wide["paper"]
     print(wide.round(3).to_string())
