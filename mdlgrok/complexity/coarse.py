@@ -228,8 +228,9 @@ def gptq_codes(x: np.ndarray, js, u: np.ndarray, block: int = 64, errors: bool =
     errors agree to about 1e-3."""
     widths = np.array([bin_width(j) for j in js], dtype)
     u = u.astype(dtype, copy=False)
-    xt = np.ascontiguousarray(x.T[:, None, :] / widths[None, :, None], dtype=dtype)  # (n, bins, m): column i is xt[i]
-    n, nb, m = xt.shape
+    n, nb, m = x.shape[1], len(widths), x.shape[0]
+    xt = np.empty((n, nb, m), dtype)  # column i is xt[i]; written once (no transposed copy)
+    np.divide(x.T[:, None, :], widths[None, :, None].astype(x.dtype), out=xt, casting="same_kind")
     codes = np.empty(xt.shape, np.int64)
     sq = np.zeros((nb, m), dtype)
     errs = np.empty((min(block, n), nb, m), dtype)

@@ -1,7 +1,7 @@
 """mdlgrok's search: per-tensor ranks and bins for every eps from one shared set of loss calls.
 
 1. Options. For every tensor, candidate coarse-grainings (zero, dense codes at every bin of
-   a 2^(1/8) grid, and for matrices rank-k factors at every bin, each also with Fourier rows
+   a 2^(1/4) grid, and for matrices rank-k factors at every bin, each also with Fourier rows
    where coarse.Target.fourier finds them) with their estimated bits (empirical entropy of
    the codes) and squared error (in the H-norm of the inputs where moments are known: see
    coarse); only the lower convex hull of (error, bits) is kept.
@@ -53,14 +53,14 @@ from mdlgrok.complexity.codecs import empirical_bits
 from mdlgrok.complexity.payload import BIN_STEPS, Entry, bin_width, entry_tensor, matrix_shape
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
-BIN_STRIDE = 1  # options on every grid point: bins a factor 2^(1/8) apart
-EXACT_STRIDE = 8  # GPTQ's bits and errors computed on every 8th bin (a factor 2 apart), estimated between,
+BIN_STRIDE = 2  # options on every 2nd grid point, bins 2^(1/4) apart (calibration moves by 2^(1/8))
+EXACT_STRIDE = 8  # GPTQ's bits and errors computed every 8 grid steps (a factor 2 apart), estimated between,
 LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2 bits a weight,
 ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
 PARALLEL_FROM = 1 << 17  # options built in threads where a tensor holds this many entries
 SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more)
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
-HIGH_RATE_BITS = 6.0  # bins finer than where rounding to nearest spends 6 bits a weight follow the high-rate law
+HIGH_RATE_BITS = 5.0  # bins finer than where rounding to nearest spends 5 bits a weight follow the high-rate law
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
 SHRINKAGE = (0.0, 0.5, 1.0)  # exponents beta tried for the sensitivities (1: as the probe measured them)
 MAX_SHIFT = 8  # calibration: decoded bins at most 2^(8/8) from the coding bin
@@ -197,17 +197,18 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
     """For every bin in js: (bits_of(codes), each row's squared error, whether any code is non-zero),
     for the codes of matrix x that coarse.round_rows gives.
 
-    Rounding to nearest costs O(mn) a bin, GPTQ (where t.h is known) O(mn^2). So GPTQ runs on
-    every EXACT_STRIDE-th bin and on every bin of low rate (where GPTQ's codes and those of
-    rounding to nearest part: most codes zero); between them its bits and errors are estimated:
+    Rounding to nearest costs O(mn) a bin, GPTQ (where t.h is known) O(mn^2). So on a matrix of
+    ESTIMATE_FROM entries or more GPTQ runs every EXACT_STRIDE grid steps and on every bin of low
+    rate (where GPTQ's codes and those of rounding to nearest part: most codes zero); between them
+    its bits and errors are estimated:
     those of rounding to nearest (the error in the diagonal of H, as for independent errors),
     times the ratios GPTQ / nearest at the two exact bins around, interpolated in log. With
     `sample` (bits that add over rows), a large matrix's statistics are those of a seeded sample
     of its rows, scaled up (_sampled_stats). Bins finer than the high-rate cut (_high_rate_cut)
-    follow from the finest bin computed: each step finer adds 1/BIN_STEPS bit to each of the
+    follow from the finest bin computed: each grid step finer adds 1/BIN_STEPS bit to each of the
     `entries` (default x.size) that a bits_of count covers and scales the error by
     2^(-2/BIN_STEPS). Only the options' ranking uses the estimates: an option's entry is always
-    rounded exactly."""
+    rounded exactly, in float64 (coarse.round_rows)."""
     if sample and _sampled(x):
         return _sampled_stats(t, x, js, bits_of)
     entries = x.size if entries is None else entries
@@ -219,7 +220,7 @@ def _beyond_high_rate(x: np.ndarray, js: list[int], entries, compute) -> list[tu
     up; the finer bins follow from the finest computed one by the high-rate law."""
     cut = _high_rate_cut(x, js)
     computed = compute(js[cut:])
-    return [_finer(computed[0], cut - i, entries) for i in range(cut)] + computed
+    return [_finer(computed[0], js[cut] - js[i], entries) for i in range(cut)] + computed
 
 
 def _high_rate_cut(x: np.ndarray, js: list[int]) -> int:
@@ -236,19 +237,19 @@ def _high_rate_cut(x: np.ndarray, js: list[int]) -> int:
 
 
 def _finer(stat: tuple, steps: int, entries) -> tuple:
-    """The statistics `steps` bins finer than `stat`'s, by the high-rate law."""
+    """The statistics `steps` grid steps (of 2^(1/BIN_STEPS)) finer than `stat`'s, by the high-rate law."""
     bits, err, nonzero = stat
     return bits + np.multiply(entries, steps / BIN_STEPS), err * 2.0 ** (-2 * steps / BIN_STEPS), nonzero
 
 
 def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
     if t.h is not None and x.size < ESTIMATE_FROM:
-        return _gptq_stats(t, x, js, bits_of)
+        return _gptq_stats(t, x, js, bits_of, np.float32)
     near = [_nearest_stats(t, x, j, bits_of) for j in js]
     if t.h is None or not js:
         return near
     low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * x.size]
-    exact_at = sorted({*range(0, len(js), EXACT_STRIDE), len(js) - 1, *low_rate})
+    exact_at = sorted({*range(0, len(js), max(EXACT_STRIDE // BIN_STRIDE, 1)), len(js) - 1, *low_rate})
     # statistics for ranking only: float32 arithmetic (every entry is rounded in float64)
     exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of, np.float32)))
     ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
@@ -299,10 +300,11 @@ def _nearest_stats(t: Target, x: np.ndarray, j: int, bits_of) -> tuple:
     return bits_of(codes), (d2 if t.h is None else d2 * np.diag(t.h)).sum(1), bool(codes.any())
 
 
-def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, dtype=np.float64, chunk: int = 16) -> list[tuple]:
+def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, dtype, chunk: int = 16) -> list[tuple]:
     """(bits, row errors in the H-norm, any non-zero) of GPTQ's codes on every bin in js, a chunk
     of bins at a time (one GPTQ pass rounds a chunk; the chunk bounds its memory), in arithmetic
-    of dtype: float32 where the statistics are estimates anyway (large matrices)."""
+    of dtype: float32 for the options' ranking (about 3x faster than float64, the same to about
+    1e-3); the entry of a chosen option is rounded in float64."""
     out = []
     for lo in range(0, len(js), chunk):
         part = js[lo : lo + chunk]
