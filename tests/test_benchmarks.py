@@ -1,5 +1,5 @@
-"""The estimator benchmark against the paper's search: its table, its worst ratio, its figure,
-on tiny runs (add mod 7)."""
+"""The estimator benchmarks: against the paper's search (its table, its worst ratio, its figure,
+on tiny runs of add mod 7), and the cost as the model grows (its medians, its flags)."""
 
 import sys
 from pathlib import Path
@@ -13,6 +13,7 @@ from mdlgrok.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_estimator  # noqa: E402
+import bench_estimator_sizes as sizes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +64,21 @@ def test_one_search_without_a_table_to_keep_the_other_from_is_status_2(runs, tmp
     out = tmp_path / "none.parquet"
     assert bench(monkeypatch, runs / "add-s0", "--epochs", 2, "--out", out, "--modes", "mdlgrok") == 2
     assert "give an existing table" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_sizes_benchmark_reports_medians_of_repeated_estimates(monkeypatch):
+    calls = []
+    real = sizes.estimate
+    monkeypatch.setattr(sizes, "estimate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = sizes.digits(images=False)
+    row = sizes.bench("MLP 64-8-8-10", sizes.mlp(8), x[:200], y[:200], [1.0], repeats=2)
+    assert len(calls) == 3  # one untimed, two timed
+    assert row["parameters"] == 64 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10
+    assert row["loss_calls"] > 0 and 0 < row["inside_loss_s"] < row["wall_s"]
+
+
+def test_the_sizes_benchmark_refuses_no_repeats(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_estimator_sizes.py", "--repeats", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        sizes.main()
+    assert exit_.value.code == 2 and "--repeats must be at least 1" in capsys.readouterr().err
