@@ -200,9 +200,9 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
     Rounding to nearest costs O(mn) a bin, GPTQ (where t.h is known) O(mn^2). So on a matrix of
     ESTIMATE_FROM entries or more GPTQ runs every EXACT_STRIDE grid steps and on every bin of low
     rate (where GPTQ's codes and those of rounding to nearest part: most codes zero); between them
-    its bits and errors are estimated:
-    those of rounding to nearest (the error in the diagonal of H, as for independent errors),
-    times the ratios GPTQ / nearest at the two exact bins around, interpolated in log. With
+    its bits and errors are estimated: those of rounding to nearest (the error in the diagonal of
+    H, as for independent errors), times the ratios GPTQ / nearest at the two exact bins around,
+    interpolated in log. With
     `sample` (bits that add over rows), a large matrix's statistics are those of a seeded sample
     of its rows, scaled up (_sampled_stats). Bins finer than the high-rate cut (_high_rate_cut)
     follow from the finest bin computed: each grid step finer adds 1/BIN_STEPS bit to each of the
