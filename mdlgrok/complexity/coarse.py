@@ -230,7 +230,7 @@ def gptq_codes(x: np.ndarray, js, u: np.ndarray, block: int = 64, errors: bool =
     u = u.astype(dtype, copy=False)
     n, nb, m = x.shape[1], len(widths), x.shape[0]
     xt = np.empty((n, nb, m), dtype)  # column i is xt[i]; written once (no transposed copy)
-    np.divide(x.T[:, None, :], widths[None, :, None].astype(x.dtype), out=xt, casting="same_kind")
+    np.divide(x.T[:, None, :], widths[None, :, None], out=xt, casting="same_kind")
     codes = np.empty(xt.shape, np.int64)
     sq = np.zeros((nb, m), dtype)
     errs = np.empty((min(block, n), nb, m), dtype)

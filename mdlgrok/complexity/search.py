@@ -244,14 +244,13 @@ def _finer(stat: tuple, steps: int, entries) -> tuple:
 
 def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
     if t.h is not None and x.size < ESTIMATE_FROM:
-        return _gptq_stats(t, x, js, bits_of, np.float32)
+        return _gptq_stats(t, x, js, bits_of)
     near = [_nearest_stats(t, x, j, bits_of) for j in js]
     if t.h is None or not js:
         return near
     low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * x.size]
     exact_at = sorted({*range(0, len(js), max(EXACT_STRIDE // BIN_STRIDE, 1)), len(js) - 1, *low_rate})
-    # statistics for ranking only: float32 arithmetic (every entry is rounded in float64)
-    exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of, np.float32)))
+    exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
     ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
     out = []
     for i, (bits, err, nonzero) in enumerate(near):
@@ -300,15 +299,15 @@ def _nearest_stats(t: Target, x: np.ndarray, j: int, bits_of) -> tuple:
     return bits_of(codes), (d2 if t.h is None else d2 * np.diag(t.h)).sum(1), bool(codes.any())
 
 
-def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, dtype, chunk: int = 16) -> list[tuple]:
+def _gptq_stats(t: Target, x: np.ndarray, js: list[int], bits_of, chunk: int = 16) -> list[tuple]:
     """(bits, row errors in the H-norm, any non-zero) of GPTQ's codes on every bin in js, a chunk
-    of bins at a time (one GPTQ pass rounds a chunk; the chunk bounds its memory), in arithmetic
-    of dtype: float32 for the options' ranking (about 3x faster than float64, the same to about
-    1e-3); the entry of a chosen option is rounded in float64."""
+    of bins at a time (one GPTQ pass rounds a chunk; the chunk bounds its memory). The statistics
+    only rank the options, so the arithmetic is float32 (about 3x faster than float64, the same to
+    about 1e-3); the entry of a chosen option is rounded in float64."""
     out = []
     for lo in range(0, len(js), chunk):
         part = js[lo : lo + chunk]
-        codes, errors = gptq_codes(x, part, t.whitened()[3], errors=True, dtype=dtype)
+        codes, errors = gptq_codes(x, part, t.whitened()[3], errors=True, dtype=np.float32)
         out += [(bits_of(c), e, bool(c.any())) for c, e in zip(codes, errors)]
     return out
 
