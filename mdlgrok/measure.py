@@ -159,7 +159,7 @@ def checkpoint_report(path: str, cfg: MeasureConfig | None = None, accuracy_drop
         + ", ".join(
             f"{c['name']}={c['kind']}"
             + (f"(k={c['rank']})" if c["kind"] == "lowrank" else "")
-            + (f"[{c['rows']} rows read]" if c.get("rows") else "")
+            + (f"[{c['rows']} rows]" if c.get("rows") else "")
             + (f"[Fourier {c['fourier']}]" if c.get("fourier") else "")
             + ("[transposed]" if c.get("transposed") else "")
             for c in last.choices

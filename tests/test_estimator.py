@@ -90,7 +90,8 @@ def check_honest(model, loss_fn, results, eps):
         assert r.coarse_loss <= base + r.eps
         assert r.naive_bits == naive_bits(model)
         assert r.ratio == r.naive_bits / r.bits
-        assert [c["name"] for c in r.choices] == list(model.state_dict())
+        names = [c["name"] for c in r.choices]  # a tensor split into blocks of rows: its blocks after all
+        assert names[: len(state)] == list(model.state_dict()) and set(names[len(state) :]) <= set(state)
         assert 0 < r.loss_seconds <= r.seconds and r.search_over_loss >= 0
 
 
@@ -284,6 +285,37 @@ def test_module_with_tied_weights_keeps_them_tied():
         assert kinds["out.weight"] == "alias"  # stored once
         state = decode(r.payload)
         assert torch.equal(state["emb.weight"], state["out.weight"])
+
+
+class Lookup(nn.Module):
+    """A table of 13 rows periodic along the residues and 2 rows that are not residues, read by
+    lookup (frozen), and a readout."""
+
+    def __init__(self):
+        super().__init__()
+        angle = 2 * math.pi * torch.arange(13.0)[:, None] * torch.tensor([[1.0, 3.0, 5.0]]) / 13
+        table = torch.cat([torch.cat([angle.cos(), angle.sin()], 1), torch.eye(6)[:2] * 3])
+        self.emb = nn.Embedding.from_pretrained(table)
+        self.out = nn.Linear(6, 15)
+
+    def forward(self, x):
+        return self.out(self.emb(x))
+
+
+def test_the_rows_a_tables_fourier_block_leaves_out_are_coded_apart():
+    torch.manual_seed(0)
+    model = Lookup()
+    x = torch.arange(15)
+    train_generic(model, x, x, steps=200, lr=5e-2)
+    loss_fn = ce_closure(x, x)
+    results = estimate(model, loss_fn, [0.3, 0.03])
+    check_honest(model, loss_fn, results, [0.3, 0.03])
+    for r in results:  # one block of 13 residue rows, in the Fourier basis, and one of the 2 others
+        blocks = [(c["kind"], c["rows"], c["fourier"]) for c in r.choices if c["name"] == "emb.weight"]
+        assert len(blocks) == 2
+        assert blocks[0] in (("zero", None, None), ("dense", 13, 13), ("lowrank", 13, 13))
+        assert blocks[1][0] == "zero" or blocks[1][1:] == (2, None)
+    assert all(kind != "zero" for kind, *_ in blocks)  # at eps 0.03 both blocks are needed
 
 
 def test_float64_module():

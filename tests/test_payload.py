@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mdlgrok.complexity import decode
-from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, raw_entry, targets_of, zero_entry
+from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, raw_entry, split_rows, targets_of, zero_entry
 from mdlgrok.complexity.moments import RowMoments
 from mdlgrok.complexity.payload import (
     CODEC_IDS,
@@ -241,6 +241,55 @@ def test_fourier_rows_decode_back_to_rows(codec):
     decoded = decode(encode([entry], codec))
     assert decode_entries(encode([entry], codec))[0][0].fourier == p
     assert (decoded["emb"] - state["emb"]).abs().max() <= 4 * bin_width(-24)
+
+
+def periodic_table(p: int = 13, extra: int = 2) -> torch.Tensor:
+    """A table of p residue rows, periodic along them, and `extra` rows that are not residues."""
+    t_ = np.arange(p)
+    table = np.stack([np.cos(2 * np.pi * 3 * t_ / p), np.sin(2 * np.pi * 5 * t_ / p), np.cos(2 * np.pi * t_ / p)], 1)
+    return torch.from_numpy(np.concatenate([table, np.arange(3 * extra).reshape(extra, 3) + 1.0]))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_entries_of_one_name_on_their_own_rows_decode_to_their_sum(codec):
+    """A tensor split into blocks of rows (split_rows): one entry per block, each on its own bin;
+    the decoder adds them, and an alias of the tensor is the whole of it."""
+    w = periodic_table()
+    state = OrderedDict([("emb", w), ("tied", w)])
+    first, alias, rest = split_rows(targets_of(state))
+    assert (first.rows, rest.rows, rest.part, alias.alias) == (tuple(range(13)), (13, 14), True, 0)
+    entries = [dense_entry(first, -24, 13), raw_entry(alias), dense_entry(rest, 8)]  # the rest: bin 2
+    decoded = decode(encode(entries, codec))
+    assert list(decoded) == ["emb", "tied"] and decoded["tied"] is decoded["emb"]
+    assert (decoded["emb"][:13] - w[:13]).abs().max() <= 4 * bin_width(-24)
+    torch.testing.assert_close(decoded["emb"][13:], torch.round(w[13:] / 2) * 2)  # each block its own bin
+    assert_same_state(decoded, state_dict_of(entries))
+
+
+def test_entries_of_one_name_that_differ_in_shape_are_an_error():
+    (t,) = targets_of(OrderedDict([("w", torch.ones(4, 3))]))
+    (u,) = targets_of(OrderedDict([("w", torch.ones(5, 3))]))
+    with pytest.raises(ValueError, match="differ in shape"):
+        decode(encode([dense_entry(t, 0), dense_entry(u, 0)], "zstd"))
+
+
+def test_split_rows_leaves_a_matrix_without_a_fourier_block_or_a_transposed_one_alone():
+    g = torch.Generator().manual_seed(3)
+    random, residues = torch.randn(40, 30, generator=g), periodic_table(extra=0)
+    state = OrderedDict([("random", random), ("all_residues", residues), ("vec", torch.ones(5))])
+    targets = targets_of(state)
+    assert split_rows(targets) == targets  # no Fourier block, or one of every row
+    kernel = OrderedDict([("kernel", periodic_table().T.contiguous())])  # read as x @ W: coded as W^T
+    (t,) = targets_of(kernel, moments={"kernel": RowMoments(np.eye(3))})
+    assert t.transposed and split_rows([t]) == [t]
+
+
+def test_a_split_target_patches_only_its_rows():
+    w = periodic_table()
+    first, rest = split_rows(targets_of(OrderedDict([("emb", w)])))
+    patched = rest.patched(np.zeros(rest.w.size))
+    assert torch.equal(patched[:13], w[:13]) and torch.equal(patched[13:], torch.zeros(2, 3))
+    assert torch.equal(rest.full(rest.w)[:13], torch.zeros(13, 3))  # the decoded block: zero elsewhere
 
 
 def test_a_random_matrix_is_not_coded_in_the_fourier_basis():

@@ -37,6 +37,7 @@ class Target:
     rows: tuple[int, ...] = ()  # the only rows the loss reads (empty: all); the others decode to zero
     transposed: bool = False  # the coded matrix is W^T: a weight read as x @ W (its rows are the inputs)
     h: np.ndarray | None = field(default=None, repr=False)  # input second moment (n x n, mean diagonal 1)
+    part: bool = False  # a later block of rows of a tensor that another target also codes (split_rows)
     w: np.ndarray = field(init=False, repr=False)  # float64 flat copy of the coded rows (floating tensors)
     _svd: tuple | None = field(default=None, init=False, repr=False)
     _white: tuple | None = field(default=None, init=False, repr=False)
@@ -60,6 +61,14 @@ class Target:
             return part
         out = torch.zeros(self.shape, dtype=self.tensor.dtype)
         out[list(self.rows)] = part
+        return out
+
+    def patched(self, coded: np.ndarray) -> torch.Tensor:
+        """The original tensor with values of the coded part in place (its other rows as they are)."""
+        if not self.rows:
+            return self.full(coded)
+        out = self.tensor.clone()
+        out[list(self.rows)] = torch.from_numpy(coded.reshape(self.coded_shape)).to(self.tensor.dtype)
         return out
 
     @property
@@ -188,6 +197,27 @@ def targets_of(
             target.h = h
         out.append(target)
     return out
+
+
+def split_rows(targets: list[Target]) -> list[Target]:
+    """The targets with the rows of a table that its Fourier block leaves out (Target.fourier:
+    the rows that are not residues, such as the '=' and operator tokens of an embedding) as a
+    target of their own, placed after all the others. Such rows are read differently from the
+    residue rows (in every example, not in 1 of p), so the loss can depend on them far more:
+    apart, each block has its own options and bin. Entries of the two add up on decoding.
+    Tables are the matrices not read as linear maps (no input moments): the rows of a linear
+    map are its outputs, and its Fourier block, where one is found, a chance of its values."""
+    out, parts = [], []
+    for t in targets:
+        f = t.fourier() if t.is_matrix and t.h is None and not t.transposed else 0
+        m = matrix_shape(t.coded_shape)[0]
+        if not 0 < f < m:
+            out.append(t)
+            continue
+        rows = t.rows or tuple(range(m))
+        out.append(Target(t.index, t.name, t.tensor, rows=rows[:f], h=t.h))
+        parts.append(Target(t.index, t.name, t.tensor, rows=rows[f:], h=t.h, part=True))
+    return out + parts
 
 
 def rank_for_tau(s: np.ndarray, tau: float) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from threadpoolctl import threadpool_limits
 
-from mdlgrok.complexity.coarse import Target, targets_of
+from mdlgrok.complexity.coarse import Target, split_rows, targets_of
 from mdlgrok.complexity.moments import input_moments
 from mdlgrok.complexity.payload import Entry, bin_width, decode, encode_all
 from mdlgrok.complexity.search import LossError, LossOracle, Search, within
@@ -256,7 +256,7 @@ def aware_targets(oracle: LossOracle, data_aware: bool, rows: dict) -> tuple[lis
                 stacklevel=3,
             )
             norms = f"frobenius (input moments unreadable: {type(exc).__name__})"
-    targets = targets_of(oracle.original, rows, moments)
+    targets = split_rows(targets_of(oracle.original, rows, moments))
     if not norms:
         aware = any(t.h is not None for t in targets)
         norms = "data-aware" if aware else "frobenius (no matrix read only as a linear map)"

@@ -18,7 +18,9 @@ The header names every entry with its dtype, shape and kind:
 Bins lie on the grid delta = 2 ** (j / BIN_STEPS) and are stored as the integer j.
 A dense or lowrank entry may cover only some rows of its tensor (the rows an embedding
 table's lookups reach): its kind byte then has ROWS_FLAG set and the row indices follow
-(count, then gaps); the codes describe those rows and every other row is zero.
+(count, then gaps); the codes describe those rows and every other row is zero. Several
+entries may share a name, each covering its own rows (rows that need a bin of their own):
+the decoder adds them.
 A dense matrix, or the A factor of a lowrank entry, may store its first f rows as
 coefficients of the orthonormal real Fourier basis along the rows (``fourier_basis``): the
 kind byte then has FOURIER_FLAG set and f follows; the decoder turns them back into rows.
@@ -134,7 +136,7 @@ def from_fourier(x: np.ndarray, f: int) -> np.ndarray:
     return np.concatenate([fourier_basis(f).T @ x[:f], x[f:]])
 
 
-def entry_tensor(e: Entry, earlier: list[torch.Tensor] | None = None) -> torch.Tensor:
+def entry_tensor(e: Entry) -> torch.Tensor:
     """The tensor an entry stands for; the single definition used by search and decoder."""
     if e.rows and e.kind in ("dense", "lowrank"):
         full = torch.zeros(e.shape, dtype=e.dtype)
@@ -142,10 +144,10 @@ def entry_tensor(e: Entry, earlier: list[torch.Tensor] | None = None) -> torch.T
         return full
     if e.transposed and e.kind in ("dense", "lowrank"):
         return _coded_tensor(e, e.coded_shape).T.contiguous()
-    return _coded_tensor(e, e.shape, earlier)
+    return _coded_tensor(e, e.shape)
 
 
-def _coded_tensor(e: Entry, shape: tuple[int, ...], earlier: list[torch.Tensor] | None = None) -> torch.Tensor:
+def _coded_tensor(e: Entry, shape: tuple[int, ...]) -> torch.Tensor:
     if e.kind == "zero":
         return torch.zeros(e.shape, dtype=e.dtype)
     if e.kind == "dense":
@@ -159,16 +161,28 @@ def _coded_tensor(e: Entry, shape: tuple[int, ...], earlier: list[torch.Tensor] 
     if e.kind == "raw":
         flat = torch.frombuffer(bytearray(e.raw), dtype=torch.uint8) if e.raw else torch.empty(0, dtype=torch.uint8)
         return flat.view(e.dtype).reshape(e.shape).clone()
-    if e.kind == "alias":
-        return earlier[e.alias]
     raise ValueError(f"unknown entry kind {e.kind!r}")
 
 
 def state_dict_of(entries: list[Entry]) -> OrderedDict[str, torch.Tensor]:
-    out: list[torch.Tensor] = []
+    """The state dict of a list of entries, in their order: entries of one name (blocks of rows
+    of one tensor, each zero outside its rows) add up; an alias is the whole tensor of the entry
+    it names."""
+    sums: dict[str, torch.Tensor] = {}
     for e in entries:
-        out.append(entry_tensor(e, out))
-    return OrderedDict((e.name, t) for e, t in zip(entries, out))
+        if e.kind == "alias":
+            continue
+        t = entry_tensor(e)
+        if e.name in sums and (sums[e.name].shape, sums[e.name].dtype) != (t.shape, t.dtype):
+            raise ValueError(f"payload is corrupt (entries named {e.name!r} differ in shape or dtype)")
+        sums[e.name] = sums[e.name] + t if e.name in sums else t
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for e in entries:
+        source = e
+        while source.kind == "alias":  # aliases point to earlier entries (checked on reading)
+            source = entries[source.alias]
+        out[e.name] = sums[source.name]
+    return out
 
 
 # ---------------------------------------------------------------- header

@@ -461,8 +461,8 @@ def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Gener
     for _ in range(4):
         z = direction * r * rms
         norm2 = float((z**2).sum())
-        plus = oracle({t.name: t.full(t.w + z)}, constrained=False)  # the loss's curvature alone
-        minus = oracle({t.name: t.full(t.w - z)}, constrained=False)
+        plus = oracle({t.name: t.patched(t.w + z)}, constrained=False)  # the loss's curvature alone
+        minus = oracle({t.name: t.patched(t.w - z)}, constrained=False)
         curv = (plus + minus) / 2 - base
         if not math.isfinite(curv):
             r /= 10
@@ -514,14 +514,17 @@ class Search:
             if t.quantizable and choice is not None:
                 i = next(free)
                 out.append(shifted(self._entry(i, choice[0][i]), choice[1][i]))
-            else:
+            elif not t.part:  # the raw bytes of a split tensor are its first target's
                 out.append(raw_entry(t))
         return out
 
     def loss(self, config: tuple[int, ...], shift: tuple[int, ...] | None = None) -> float:
         shift = shift or (0,) * len(config)
         if (config, shift) not in self.cache:
-            state = {t.name: self._tensor(i, h, d) for i, (t, h, d) in enumerate(zip(self.free, config, shift))}
+            state: dict[str, torch.Tensor] = {}
+            for i, (t, h, d) in enumerate(zip(self.free, config, shift)):
+                x = self._tensor(i, h, d)  # blocks of rows of one tensor add up, as on decoding
+                state[t.name] = state[t.name] + x if t.name in state else x
             self.cache[(config, shift)] = self.oracle(state)
         return self.cache[(config, shift)]
 
