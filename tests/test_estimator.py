@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from mdlgrok.complexity import LossError, decode, estimate, naive_bits, paper_estimate
 from mdlgrok.complexity.estimate import read_rows
+from mdlgrok.complexity.moments import RowReads
 from mdlgrok.complexity.search import LossOracle
 from mdlgrok.models import ModelConfig, build_model
 from mdlgrok.tasks import TaskConfig, make_dataset
@@ -237,10 +238,11 @@ def test_data_aware_search_reads_moments_of_the_linear_layers(trained, monkeypat
     estimate(model, loss_fn, [1.0])
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     used = linear - {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight"}  # q, k: unused by the paper attention
-    assert [set(m or {}) for m in seen] == [used]
+    assert [set(m or {}) for m in seen] == [used | {"embed.weight"}]
+    assert isinstance(seen[0]["embed.weight"], RowReads)  # the table: how often each row is looked up
     seen.clear()
     estimate(model, loss_fn, [1.0, 4.0])
-    assert [set(m or {}) for m in seen] == [used]  # one data-aware search for every eps
+    assert [set(m or {}) for m in seen] == [used | {"embed.weight"}]  # one data-aware search for every eps
     seen.clear()
     estimate(model, loss_fn, [1.0], data_aware=False)
     assert seen == [{}]

@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from mdlgrok.complexity import decode, estimate
-from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, targets_of
-from mdlgrok.complexity.moments import DAMPING, RowMoments, input_moments
+from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, split_rows, targets_of
+from mdlgrok.complexity.moments import DAMPING, RowMoments, RowReads, input_moments
 from mdlgrok.complexity.payload import entry_tensor
 from mdlgrok.models import ModelConfig, build_model
 from mdlgrok.tasks import TaskConfig, make_dataset
@@ -87,6 +87,72 @@ def test_weights_read_other_ways_get_no_moments():
     tokens = torch.randint(0, 5, (20,))
     moments = input_moments(lambda m: float(m(tokens).sum()), model, model.state_dict())
     assert set(moments) == {"fc.weight"}  # table: also looked up; mat: also sliced
+
+
+class Tokens(nn.Module):
+    """A table looked up by nn.Embedding, in two calls, and a readout."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(52, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.out(self.table(tokens[:, :2]).sum(1) + self.table(tokens[:, 2]))
+
+
+def sums_and_operator(n: int = 40) -> torch.Tensor:
+    """Rows (a, b, op): a and b among 50 residues, op token 50 in every example (token 51 unused)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([torch.randint(0, 50, (n, 2), generator=g), torch.full((n, 1), 50)], 1)
+
+
+def test_a_table_read_only_by_lookups_gets_the_count_of_each_rows_reads():
+    torch.manual_seed(0)
+    model, tokens = Tokens(), sums_and_operator()
+    moments = input_moments(lambda m: float(m(tokens).sum()), model, model.state_dict())
+    assert set(moments) == {"table.weight", "out.weight"}
+    reads = moments["table.weight"]
+    assert isinstance(reads, RowReads) and reads.counts.shape == (52,)
+    np.testing.assert_array_equal(reads.counts, np.bincount(tokens.reshape(-1), minlength=52))  # both calls
+    model = TwoWays()  # a table also read another way: no counts
+    moments = input_moments(lambda m: float(m(torch.randint(0, 5, (20,))).sum()), model, model.state_dict())
+    assert "table.weight" not in moments
+
+
+def test_the_rows_a_table_reads_most_are_split_off_by_their_reads():
+    """Rows looked up HEAVY_READS (8) times as often as the median row or more are a block of
+    their own (an unread row stays in the other block); 5 times as often is not enough."""
+    w = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
+    (t,) = targets_of({"table": w}, moments={"table": RowReads(np.array([8] * 10 + [80, 0]))})
+    assert t.h is None and t.reads is not None
+    block, apart = split_rows([t])
+    assert (block.rows, apart.rows, apart.part) == (tuple(range(10)) + (11,), (10,), True)
+    even = RowReads(np.array([8] * 10 + [40, 0]))  # 5x the median: read as most rows are
+    (t,) = targets_of({"table": w}, moments={"table": even})
+    assert split_rows([t]) == [t]
+
+
+def test_estimate_codes_the_rows_a_table_reads_most_as_a_block_of_their_own():
+    torch.manual_seed(0)
+    model, tokens = Tokens(), sums_and_operator(200)
+    y = tokens[:, :2].sum(1) % 3
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(tokens), y).backward()
+        opt.step()
+    def loss_fn(m):
+        with torch.no_grad():
+            return float(F.cross_entropy(m(tokens), y))
+
+    (r,) = estimate(model, loss_fn, [0.01])
+    blocks = [c for c in r.choices if c["name"] == "table.weight"]
+    assert len(blocks) == 2 and blocks[1]["kind"] in ("zero", "dense") and blocks[1]["rows"] in (None, 1)
+    assert blocks[0]["kind"] == "zero" or blocks[0]["rows"] == 50  # the residues (51, never read, is zero)
+    probe = copy.deepcopy(model)
+    probe.load_state_dict(decode(r.payload))
+    assert loss_fn(probe) == r.coarse_loss <= r.base_loss + 0.01
 
 
 def test_kernels_read_as_x_at_k_get_moments_over_their_rows():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mdlgrok.complexity.moments import RowMoments
+from mdlgrok.complexity.moments import RowMoments, RowReads
 from mdlgrok.complexity.payload import BIN_STEPS, Entry, bin_width, fourier_basis, matrix_shape
 
 FOURIER_MIN_ROWS = 8  # smallest matrix whose rows are tried in the Fourier basis
@@ -38,6 +38,7 @@ class Target:
     transposed: bool = False  # the coded matrix is W^T: a weight read as x @ W (its rows are the inputs)
     h: np.ndarray | None = field(default=None, repr=False)  # input second moment (n x n, mean diagonal 1)
     part: bool = False  # a later block of rows of a tensor that another target also codes (split_rows)
+    reads: np.ndarray | None = field(default=None, repr=False)  # lookups of each row (a table: RowReads)
     w: np.ndarray = field(init=False, repr=False)  # float64 flat copy of the coded rows (floating tensors)
     _svd: tuple | None = field(default=None, init=False, repr=False)
     _white: tuple | None = field(default=None, init=False, repr=False)
@@ -193,6 +194,8 @@ def targets_of(
         target = Target(i, name, t.cpu(), alias, rows=read, transposed=transposed)
         if isinstance(h, RowMoments):  # over W's rows: the inputs of a transposed target only
             h = h.h if transposed else None
+        if isinstance(h, RowReads):
+            target.reads, h = h.counts, None
         if h is not None and target.is_matrix and t.ndim == 2 and h.shape == (target.coded_shape[1],) * 2:
             target.h = h
         out.append(target)
@@ -200,24 +203,40 @@ def targets_of(
 
 
 def split_rows(targets: list[Target]) -> list[Target]:
-    """The targets with the rows of a table that its Fourier block leaves out (Target.fourier:
-    the rows that are not residues, such as the '=' and operator tokens of an embedding) as a
-    target of their own, placed after all the others. Such rows are read differently from the
-    residue rows (in every example, not in 1 of p), so the loss can depend on them far more:
-    apart, each block has its own options and bin. Entries of the two add up on decoding.
-    Tables are the matrices not read as linear maps (no input moments): the rows of a linear
-    map are its outputs, and its Fourier block, where one is found, a chance of its values."""
+    """The targets with the rows of a table that are read differently from the rest as a target
+    of their own, placed after all the others: each block has its own options, sensitivity and
+    bin (the loss can depend on such rows far more), and entries of the two add up on decoding.
+    A table is a matrix not read as a linear map (no input moments: an embedding). Its rows apart
+    are those looked up HEAVY_READS times as often as the median row or more (where the lookups
+    were counted: RowReads), or else the rows its Fourier block leaves out (Target.fourier): in
+    either case the '=' and operator tokens of a modular-arithmetic embedding, read in every
+    example, where a residue's row is read in about 2 of p."""
     out, parts = [], []
     for t in targets:
-        f = t.fourier() if t.is_matrix and t.h is None and not t.transposed else 0
-        m = matrix_shape(t.coded_shape)[0]
-        if not 0 < f < m:
+        block, apart = _row_blocks(t)
+        if not apart:
             out.append(t)
             continue
-        rows = t.rows or tuple(range(m))
-        out.append(Target(t.index, t.name, t.tensor, rows=rows[:f], h=t.h))
-        parts.append(Target(t.index, t.name, t.tensor, rows=rows[f:], h=t.h, part=True))
+        out.append(Target(t.index, t.name, t.tensor, rows=block, reads=t.reads))
+        parts.append(Target(t.index, t.name, t.tensor, rows=apart, reads=t.reads, part=True))
     return out + parts
+
+
+HEAVY_READS = 8  # rows of a table read this many times as often as its median row form a block
+
+
+def _row_blocks(t: Target) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the rows of t coded as one block, the rows coded apart); none apart: ((), ())."""
+    if not t.is_matrix or t.h is not None or t.transposed:
+        return (), ()
+    rows = t.rows or tuple(range(matrix_shape(t.coded_shape)[0]))
+    if t.reads is not None:
+        reads = t.reads[list(rows)]
+        heavy = reads >= HEAVY_READS * max(float(np.median(reads)), 1.0)
+        if 0 < heavy.sum() <= len(rows) // 4:
+            return tuple(r for r, h in zip(rows, heavy) if not h), tuple(r for r, h in zip(rows, heavy) if h)
+    f = t.fourier()
+    return (rows[:f], rows[f:]) if 0 < f < len(rows) else ((), ())
 
 
 def rank_for_tau(s: np.ndarray, tau: float) -> int:

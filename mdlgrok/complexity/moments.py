@@ -8,7 +8,9 @@ search measures errors of such matrices in that norm, whitens them before trunca
 data-aware SVD) and rounds them with error feedback (GPTQ, Frantar et al. 2023). H is read off
 one call of the loss closure by a torch function mode; a weight that the loss also uses any
 other way (an embedding lookup, a slice, a transpose, a tied readout) gets none, and its errors
-are measured in the plain Frobenius norm.
+are measured in the plain Frobenius norm. Of a table read only by lookups (``F.embedding``),
+the mode counts how often each row is read: rows read far more often than most (the '=' and
+operator tokens, in every example) are searched as a block of their own (coarse.split_rows).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ class RowMoments:
     """H of a weight read as x @ W: the second moment of its inputs, over W's rows."""
 
     h: np.ndarray
+
+
+@dataclass(frozen=True)
+class RowReads:
+    """How many times the loss looked up each row of a table (F.embedding, so every nn.Embedding)."""
+
+    counts: np.ndarray
 
 
 # calls that apply their second operand W to the first as a linear map, and the names of those
@@ -82,12 +91,15 @@ class _Recorder(TorchFunctionMode):
             self.keys.setdefault(_key(t), name)
         self.flipped: dict[tuple, str] = {}  # transposed views of the weights, made during the call
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
+        self.reads: dict[str, np.ndarray] = {}  # lookups of each row of a table
         self.other: set[str] = set()  # weights the loss also reads some other way
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         operands = [a for a in _flat((*args, *kwargs.values())) if isinstance(a, torch.Tensor)]
         if func in _METADATA:
+            return func(*args, **kwargs)
+        if func is F.embedding and self._lookup(*args, **kwargs):
             return func(*args, **kwargs)
         if func in _VIEWS and len(operands) == 1 and operands[0].ndim == 2 and self._name(operands[0]):
             return self._view(func(*args, **kwargs), operands[0])
@@ -103,6 +115,18 @@ class _Recorder(TorchFunctionMode):
             if self._name(a):
                 self.other.add(self._name(a))
         return func(*args, **kwargs)
+
+    def _lookup(self, input=None, weight=None, *rest, **options) -> bool:
+        """Count the rows of a tracked table that F.embedding(input, weight) looks up; False where
+        weight is none (or is a transposed view)."""
+        if not (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)) or input.is_floating_point():
+            return False
+        name = self.keys.get(_key(weight))
+        if name is None:
+            return False
+        counts = np.bincount(input.detach().reshape(-1).cpu().numpy(), minlength=len(weight))
+        self.reads[name] = self.reads.get(name, 0) + counts
+        return True
 
     def _name(self, t: torch.Tensor) -> str | None:
         """The weight t is, or is the transpose of (None: neither)."""
@@ -169,11 +193,12 @@ def _key(t: torch.Tensor) -> tuple:
 
 def input_moments(
     loss_fn, module: torch.nn.Module, weights: dict[str, torch.Tensor]
-) -> dict[str, np.ndarray | RowMoments]:
+) -> dict[str, np.ndarray | RowMoments | RowReads]:
     """name -> H, the damped second moment of the inputs of that weight matrix, scaled to mean
     diagonal 1 (so that |dW|_H^2 = tr(dW H dW^T) equals |dW|^2 for white noise), for the 2-D
     weights in `weights` that the loss reads only through F.linear (H over W's columns) or only
-    as x @ W (RowMoments: H over W's rows). One call of loss_fn."""
+    as x @ W (RowMoments: H over W's rows); and for a table that it reads only by F.embedding,
+    how often each row is looked up (RowReads). One call of loss_fn."""
     recorder = _Recorder({k: w for k, w in weights.items() if w.ndim == 2 and w.is_floating_point()})
     with torch.no_grad(), recorder:  # a closure that fails here raises: estimate warns and records it
         loss_fn(module)
@@ -182,8 +207,12 @@ def input_moments(
     for (name, side), total in recorder.sums.items():
         h = total.cpu().numpy()
         mean = float(np.trace(h)) / len(h)
-        if name in recorder.other or sides[name] > 1 or not (np.isfinite(mean) and mean > 0):
+        read_twice = name in recorder.other or name in recorder.reads or sides[name] > 1
+        if read_twice or not (np.isfinite(mean) and mean > 0):
             continue
         h = (h / mean + DAMPING * np.eye(len(h))) / (1 + DAMPING)
         out[name] = h if side == "columns" else RowMoments(h)
+    for name, counts in recorder.reads.items():
+        if name not in recorder.other and name not in sides:
+            out[name] = RowReads(counts)
     return out
