@@ -142,6 +142,7 @@ def test_estimate_codes_the_rows_a_table_reads_most_as_a_block_of_their_own():
         opt.zero_grad()
         F.cross_entropy(model(tokens), y).backward()
         opt.step()
+
     def loss_fn(m):
         with torch.no_grad():
             return float(F.cross_entropy(m(tokens), y))
