@@ -379,18 +379,18 @@ def test_closure_failing_on_every_coarse_model_falls_back_to_lossless():
     """A loss that is NaN unless the weights are exactly the original: no coarse model is
     feasible, so the description is the lossless one, never an unverified number."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    reference = copy.deepcopy(model.state_dict())
+    for model in (nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), Lookup()):  # Lookup: a table in two blocks
+        reference = copy.deepcopy(model.state_dict())
 
-    def loss_fn(m):
-        same = all(torch.equal(v, reference[k]) for k, v in m.state_dict().items())
-        return 0.7 if same else math.nan
+        def loss_fn(m, reference=reference):
+            same = all(torch.equal(v, reference[k]) for k, v in m.state_dict().items())
+            return 0.7 if same else math.nan
 
-    (r,) = estimate(model, loss_fn, [1.0])
-    assert r.coarse_loss == 0.7
-    assert all(c["kind"] == "raw" for c in r.choices)
-    state = decode(r.payload)
-    assert all(torch.equal(state[k], reference[k]) for k in reference)
+        (r,) = estimate(model, loss_fn, [1.0])
+        assert r.coarse_loss == 0.7
+        assert [c["kind"] for c in r.choices] == ["raw"] * len(reference)  # one entry per tensor
+        state = decode(r.payload)
+        assert all(torch.equal(state[k], reference[k]) for k in reference)
 
 
 # ---------------------------------------------------------------- rows the loss never reads
