@@ -120,6 +120,26 @@ def test_a_table_read_only_by_lookups_gets_the_count_of_each_rows_reads():
     assert "table.weight" not in moments
 
 
+class Indexed(nn.Module):
+    """Tables read as W[tokens - 6] (negative indices), W.index_select(0, tokens), and W[tokens] with a
+    slice of W (another read)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Parameter(torch.randn(6, 4)) for _ in range(3))
+
+    def forward(self, tokens):
+        return self.a[tokens - 6] + self.b.index_select(0, tokens) + self.c[tokens] + self.c[:1]
+
+
+def test_tables_indexed_by_integer_tensors_get_the_count_of_each_rows_reads():
+    model, tokens = Indexed(), torch.tensor([0, 3, 3, 5])
+    moments = input_moments(lambda m: float(m(tokens).sum()), model, model.state_dict())
+    assert set(moments) == {"a", "b"}  # c: also sliced
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(moments[name].counts, [1, 0, 0, 2, 0, 1])  # a: negative indices
+
+
 def test_the_rows_a_table_reads_most_are_split_off_by_their_reads():
     """Rows looked up HEAVY_READS (8) times as often as the median row or more are a block of
     their own (an unread row stays in the other block); 5 times as often is not enough."""

@@ -8,9 +8,10 @@ search measures errors of such matrices in that norm, whitens them before trunca
 data-aware SVD) and rounds them with error feedback (GPTQ, Frantar et al. 2023). H is read off
 one call of the loss closure by a torch function mode; a weight that the loss also uses any
 other way (an embedding lookup, a slice, a transpose, a tied readout) gets none, and its errors
-are measured in the plain Frobenius norm. Of a table read only by lookups (``F.embedding``),
-the mode counts how often each row is read: rows read far more often than most (the '=' and
-operator tokens, in every example) are searched as a block of their own (coarse.split_rows).
+are measured in the plain Frobenius norm. Of a table read only by lookups (``F.embedding``,
+``W[index]``, ``W.index_select(0, index)``), the mode counts how often each row is read: rows
+read far more often than most (the '=' and operator tokens, in every example) are searched as a
+block of their own (coarse.split_rows).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class RowMoments:
 
 @dataclass(frozen=True)
 class RowReads:
-    """How many times the loss looked up each row of a table (F.embedding, so every nn.Embedding)."""
+    """How many times the loss looked up each row of a table (F.embedding, so every nn.Embedding;
+    W[index] and W.index_select(0, index) with an integer index tensor)."""
 
     counts: np.ndarray
 
@@ -77,6 +79,30 @@ _METADATA = frozenset(
 _OTHER_SIDE = {"columns": "rows", "rows": "columns"}
 
 
+def _row_index(table=None, index=None, *rest, **kwargs) -> tuple:
+    """(table, index) of table[index], where index picks whole rows (an index tensor alone)."""
+    return (table, index) if not isinstance(index, tuple) else (None, None)
+
+
+def _selected(input=None, dim=None, index=None, *rest, **kwargs) -> tuple:
+    """(table, index) of index_select(table, 0, index)."""
+    return (input, index) if dim == 0 else (None, None)
+
+
+def _embedded(input=None, weight=None, *rest, **kwargs) -> tuple:
+    """(table, index) of F.embedding(index, table)."""
+    return weight, input
+
+
+# calls that look up whole rows of a table, and how to read (table, row indices) off their arguments
+_LOOKUPS = {
+    F.embedding: _embedded,
+    torch.Tensor.__getitem__: _row_index,
+    torch.index_select: _selected,
+    torch.Tensor.index_select: _selected,
+}
+
+
 class _Recorder(TorchFunctionMode):
     """Accumulates X^T X of the inputs of F.linear(x, W), x @ W and einsum calls that apply a W
     that is one of `weights` or its transpose (W.T, W.t(), W.transpose(0, 1), ...) as a linear
@@ -99,7 +125,7 @@ class _Recorder(TorchFunctionMode):
         operands = [a for a in _flat((*args, *kwargs.values())) if isinstance(a, torch.Tensor)]
         if func in _METADATA:
             return func(*args, **kwargs)
-        if func is F.embedding and self._lookup(*args, **kwargs):
+        if func in _LOOKUPS and self._lookup(*_LOOKUPS[func](*args, **kwargs)):
             return func(*args, **kwargs)
         if func in _VIEWS and len(operands) == 1 and operands[0].ndim == 2 and self._name(operands[0]):
             return self._view(func(*args, **kwargs), operands[0])
@@ -116,16 +142,16 @@ class _Recorder(TorchFunctionMode):
                 self.other.add(self._name(a))
         return func(*args, **kwargs)
 
-    def _lookup(self, input=None, weight=None, *rest, **options) -> bool:
-        """Count the rows of a tracked table that F.embedding(input, weight) looks up; False where
-        weight is none (or is a transposed view)."""
-        if not (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)) or input.is_floating_point():
+    def _lookup(self, weight, index) -> bool:
+        """Count the rows of a tracked table that `index` (integers) looks up; False where weight
+        is none of them (or a transposed view) or index is no integer tensor."""
+        if not (isinstance(weight, torch.Tensor) and isinstance(index, torch.Tensor)) or index.is_floating_point():
             return False
         name = self.keys.get(_key(weight))
-        if name is None:
+        if name is None or index.dtype == torch.bool:
             return False
-        counts = np.bincount(input.detach().reshape(-1).cpu().numpy(), minlength=len(weight))
-        self.reads[name] = self.reads.get(name, 0) + counts
+        rows = index.detach().reshape(-1).cpu().numpy() % len(weight)  # negative indices count from the end
+        self.reads[name] = self.reads.get(name, 0) + np.bincount(rows, minlength=len(weight))
         return True
 
     def _name(self, t: torch.Tensor) -> str | None:
@@ -197,7 +223,7 @@ def input_moments(
     """name -> H, the damped second moment of the inputs of that weight matrix, scaled to mean
     diagonal 1 (so that |dW|_H^2 = tr(dW H dW^T) equals |dW|^2 for white noise), for the 2-D
     weights in `weights` that the loss reads only through F.linear (H over W's columns) or only
-    as x @ W (RowMoments: H over W's rows); and for a table that it reads only by F.embedding,
+    as x @ W (RowMoments: H over W's rows); and for a table that it reads only by lookups,
     how often each row is looked up (RowReads). One call of loss_fn."""
     recorder = _Recorder({k: w for k, w in weights.items() if w.ndim == 2 and w.is_floating_point()})
     with torch.no_grad(), recorder:  # a closure that fails here raises: estimate warns and records it
