@@ -141,16 +141,20 @@ def test_tables_indexed_by_integer_tensors_get_the_count_of_each_rows_reads():
 
 
 def test_the_rows_a_table_reads_most_are_split_off_by_their_reads():
-    """Rows looked up HEAVY_READS (8) times as often as the median row or more are a block of
-    their own (an unread row stays in the other block); 5 times as often is not enough."""
+    """Rows looked up HEAVY_READS (8) times as often as the median row or more, and in at least
+    HEAVY_SHARE (1%) of the lookups, are a block of their own (an unread row stays in the other
+    block)."""
     w = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
     (t,) = targets_of({"table": w}, moments={"table": RowReads(np.array([8] * 10 + [80, 0]))})
     assert t.h is None and t.reads is not None
     block, apart = split_rows([t])
     assert (block.rows, apart.rows, apart.part) == (tuple(range(10)) + (11,), (10,), True)
-    even = RowReads(np.array([8] * 10 + [40, 0]))  # 5x the median: read as most rows are
-    (t,) = targets_of({"table": w}, moments={"table": even})
-    assert split_rows([t]) == [t]
+    for reads in (
+        [8] * 10 + [40, 0],  # 5x the median: read as most rows are
+        [1] * 1000 + [8] + [0] * 11,  # 8x the median, but in under 1% of the lookups (a sparsely read table)
+    ):
+        (t,) = targets_of({"table": torch.randn(len(reads), 8)}, moments={"table": RowReads(np.array(reads))})
+        assert split_rows([t]) == [t]
 
 
 def test_estimate_codes_the_rows_a_table_reads_most_as_a_block_of_their_own():

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mdlgrok.complexity import decode
 from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, raw_entry, split_rows, targets_of, zero_entry
-from mdlgrok.complexity.moments import RowMoments
+from mdlgrok.complexity.moments import RowMoments, RowReads
 from mdlgrok.complexity.payload import (
     CODEC_IDS,
     MAGIC,
@@ -256,7 +256,7 @@ def test_entries_of_one_name_on_their_own_rows_decode_to_their_sum(codec):
     the decoder adds them, and an alias of the tensor is the whole of it."""
     w = periodic_table()
     state = OrderedDict([("emb", w), ("tied", w)])
-    first, alias, rest = split_rows(targets_of(state))
+    first, alias, rest = split_rows(targets_of(state, moments=read_evenly(state)))
     assert (first.rows, rest.rows, rest.part, alias.alias) == (tuple(range(13)), (13, 14), True, 0)
     entries = [dense_entry(first, -24, 13), raw_entry(alias), dense_entry(rest, 8)]  # the rest: bin 2
     decoded = decode(encode(entries, codec))
@@ -273,12 +273,19 @@ def test_entries_of_one_name_that_differ_in_shape_are_an_error():
         decode(encode([dense_entry(t, 0), dense_entry(u, 0)], "zstd"))
 
 
-def test_split_rows_leaves_a_matrix_without_a_fourier_block_or_a_transposed_one_alone():
+def read_evenly(state) -> dict:
+    """Moments as of tables whose rows the loss looks up equally often."""
+    return {k: RowReads(np.ones(len(v))) for k, v in state.items() if v.ndim == 2}
+
+
+def test_split_rows_leaves_alone_a_table_without_a_fourier_block_and_any_matrix_not_a_table():
     g = torch.Generator().manual_seed(3)
     random, residues = torch.randn(40, 30, generator=g), periodic_table(extra=0)
     state = OrderedDict([("random", random), ("all_residues", residues), ("vec", torch.ones(5))])
-    targets = targets_of(state)
+    targets = targets_of(state, moments=read_evenly(state))
     assert split_rows(targets) == targets  # no Fourier block, or one of every row
+    (t,) = targets_of(OrderedDict([("conv", periodic_table())]))  # not read by lookups (reads unknown)
+    assert t.fourier() == 13 and split_rows([t]) == [t]
     kernel = OrderedDict([("kernel", periodic_table().T.contiguous())])  # read as x @ W: coded as W^T
     (t,) = targets_of(kernel, moments={"kernel": RowMoments(np.eye(3))})
     assert t.transposed and split_rows([t]) == [t]
@@ -286,7 +293,8 @@ def test_split_rows_leaves_a_matrix_without_a_fourier_block_or_a_transposed_one_
 
 def test_a_split_target_patches_only_its_rows():
     w = periodic_table()
-    first, rest = split_rows(targets_of(OrderedDict([("emb", w)])))
+    state = OrderedDict([("emb", w)])
+    first, rest = split_rows(targets_of(state, moments=read_evenly(state)))
     patched = rest.patched(np.zeros(rest.w.size))
     assert torch.equal(patched[:13], w[:13]) and torch.equal(patched[13:], torch.zeros(2, 3))
     assert torch.equal(rest.full(rest.w)[:13], torch.zeros(13, 3))  # the decoded block: zero elsewhere

@@ -206,11 +206,12 @@ def split_rows(targets: list[Target]) -> list[Target]:
     """The targets with the rows of a table that are read differently from the rest as a target
     of their own, placed after all the others: each block has its own options, sensitivity and
     bin (the loss can depend on such rows far more), and entries of the two add up on decoding.
-    A table is a matrix not read as a linear map (no input moments: an embedding). Its rows apart
-    are those looked up HEAVY_READS times as often as the median row or more (where the lookups
-    were counted: RowReads), or else the rows its Fourier block leaves out (Target.fourier): in
-    either case the '=' and operator tokens of a modular-arithmetic embedding, read in every
-    example, where a residue's row is read in about 2 of p."""
+    A table is a matrix that the loss reads only by lookups (its RowReads were counted). Its rows
+    apart are those read HEAVY_READS times as often as its median row or more (and in at least
+    HEAVY_SHARE of its lookups: not a chance excess of a sparsely read table), or, where none
+    are, the rows its Fourier block leaves out (Target.fourier). In either case these are the '='
+    and operator tokens of a modular-arithmetic embedding, read in every example, where a
+    residue's row is read in about 2 of p."""
     out, parts = [], []
     for t in targets:
         block, apart = _row_blocks(t)
@@ -222,19 +223,19 @@ def split_rows(targets: list[Target]) -> list[Target]:
     return out + parts
 
 
-HEAVY_READS = 8  # rows of a table read this many times as often as its median row form a block
+HEAVY_READS = 8  # rows of a table read this many times as often as its median row,
+HEAVY_SHARE = 0.01  # and in at least this share of its lookups, form a block of their own
 
 
 def _row_blocks(t: Target) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(the rows of t coded as one block, the rows coded apart); none apart: ((), ())."""
-    if not t.is_matrix or t.h is not None or t.transposed:
+    if t.reads is None or not t.is_matrix or t.h is not None or t.transposed:
         return (), ()
     rows = t.rows or tuple(range(matrix_shape(t.coded_shape)[0]))
-    if t.reads is not None:
-        reads = t.reads[list(rows)]
-        heavy = reads >= HEAVY_READS * max(float(np.median(reads)), 1.0)
-        if 0 < heavy.sum() <= len(rows) // 4:
-            return tuple(r for r, h in zip(rows, heavy) if not h), tuple(r for r, h in zip(rows, heavy) if h)
+    reads = t.reads[list(rows)]
+    heavy = (reads >= HEAVY_READS * max(float(np.median(reads)), 1.0)) & (reads >= HEAVY_SHARE * t.reads.sum())
+    if 0 < heavy.sum() <= len(rows) // 4:
+        return tuple(r for r, h in zip(rows, heavy) if not h), tuple(r for r, h in zip(rows, heavy) if h)
     f = t.fourier()
     return (rows[:f], rows[f:]) if 0 < f < len(rows) else ((), ())
 
