@@ -268,11 +268,11 @@ def test_thin_svd_of_a_rank_deficient_large_matrix_gives_unit_vectors_and_its_ra
     np.testing.assert_allclose((u[:, :300] * s[:300]) @ vt[:300], x, atol=1e-9 * s[0])
 
 
-@pytest.mark.parametrize("shape", [(400, 520), (520, 400), (384, 384)])
+@pytest.mark.parametrize("shape", [(400, 520), (520, 400), (384, 384), (2100, 64)])
 def test_thin_svd_of_a_large_matrix_from_its_gram_matrix_matches_lapack(shape):
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape) @ np.diag(np.logspace(0, -4, shape[1])) @ rng.normal(size=(shape[1], shape[1]))
-    assert min(shape) >= coarse.GRAM_FROM
+    assert min(shape) >= coarse.GRAM_FROM or shape[0] * shape[1] >= coarse.GRAM_ENTRIES  # (2100, 64): a tall table
     u, s, vt = coarse.thin_svd(x)
     ref = np.linalg.svd(x, compute_uv=False)
     np.testing.assert_allclose(s, ref, rtol=1e-6, atol=1e-10 * ref[0])
@@ -308,3 +308,16 @@ def test_entries_of_a_data_aware_target_decode_to_its_codes():
 def test_the_fourier_l1_by_fft_is_that_of_the_basis(n, cols, seed):
     x = np.random.default_rng(seed).normal(size=(n, cols))
     assert coarse._fourier_l1(x) == pytest.approx(np.abs(coarse.to_fourier(x, n)).sum(), rel=1e-12)
+
+
+def test_a_large_table_is_judged_for_fourier_rows_on_a_sample_of_its_columns():
+    """Over FOURIER_SAMPLE entries the l1 norms come from a seeded sample of columns: a table of
+    1,999 periodic residue rows and 2 other rows still finds its block, a random one none."""
+    p, cols = 1999, 80
+    assert (p + 2) * cols > coarse.FOURIER_SAMPLE
+    angle = 2 * np.pi * np.arange(p)[:, None] * np.arange(1, cols + 1)[None, :] / p
+    table = torch.from_numpy(np.concatenate([np.cos(angle), np.ones((2, cols))]))
+    (t,) = targets_of({"emb": table})
+    assert t.fourier() == p
+    (r,) = targets_of({"emb": torch.randn(p + 2, cols, generator=torch.Generator().manual_seed(0))})
+    assert r.fourier() == 0

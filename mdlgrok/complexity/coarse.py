@@ -24,6 +24,7 @@ from mdlgrok.complexity.payload import BIN_STEPS, Entry, bin_width, fourier_basi
 FOURIER_MIN_ROWS = 8  # smallest matrix whose rows are tried in the Fourier basis
 FOURIER_TRIM = 4  # the basis may leave out up to this many last rows (tokens that are not residues)
 FOURIER_GAIN = 0.97  # tried only when it shrinks the l1 norm of the matrix by 3% or more (a random matrix: about 1)
+FOURIER_SAMPLE = 1 << 17  # a larger matrix is judged on a seeded sample of columns holding about this many entries
 
 
 @dataclass
@@ -123,10 +124,13 @@ class Target:
         return self._fourier
 
     def _best_fourier(self) -> int:
-        m, _ = matrix_shape(self.coded_shape)
+        m, n = matrix_shape(self.coded_shape)
         if not self.is_matrix or m < FOURIER_MIN_ROWS:
             return 0
-        w = self.w.reshape(m, -1)
+        w = self.w.reshape(m, n)
+        if m * n > FOURIER_SAMPLE:  # a large table: the l1 norms of a seeded sample of its columns
+            keep = max(-(-FOURIER_SAMPLE // m), 1)
+            w = w[:, np.sort(np.random.default_rng(0).choice(n, min(keep, n), replace=False))]
         plain = np.abs(w).sum()
         l1 = {f: _fourier_l1(w[:f]) + np.abs(w[f:]).sum() for f in range(m, max(m - FOURIER_TRIM, 2) - 1, -1)}
         best = min(l1, key=l1.get)
@@ -150,7 +154,8 @@ def _fourier_l1(x: np.ndarray) -> float:
     return float(edge / np.sqrt(n) + np.sqrt(2 / n) * (np.abs(middle.real).sum() + np.abs(middle.imag).sum()))
 
 
-GRAM_FROM = 384  # matrices whose both sides are at least this long: SVD from the Gram matrix
+GRAM_FROM = 384  # matrices whose both sides are at least this long, or that hold
+GRAM_ENTRIES = 1 << 17  # this many entries (a tall table): SVD from the Gram matrix
 
 
 def thin_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,7 +165,7 @@ def thin_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     those products scaled to unit length (zero where s_i is 0). Vectors of components below about
     1e-8 of the largest are not orthogonal: far below what a truncation or a bin resolves."""
     m, n = x.shape
-    if min(m, n) < GRAM_FROM:
+    if min(m, n) < GRAM_FROM and m * n < GRAM_ENTRIES:
         return np.linalg.svd(x, full_matrices=False)
     wide = m < n
     vec = np.linalg.eigh(x @ x.T if wide else x.T @ x)[1]
