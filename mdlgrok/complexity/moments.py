@@ -148,7 +148,7 @@ class _Recorder(TorchFunctionMode):
         if not (isinstance(weight, torch.Tensor) and isinstance(index, torch.Tensor)) or index.is_floating_point():
             return False
         name = self.keys.get(_key(weight))
-        if name is None or index.dtype == torch.bool or not len(weight):
+        if name is None or index.dtype in (torch.bool, torch.uint8) or not len(weight):  # masks, not rows
             return False
         rows = index.detach().reshape(-1).cpu().numpy() % len(weight)  # negative indices count from the end
         self.reads[name] = self.reads.get(name, 0) + np.bincount(rows, minlength=len(weight))
