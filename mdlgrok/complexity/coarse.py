@@ -13,6 +13,7 @@ The paper's code keeps one fewer (``paper_rank``).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,21 +57,21 @@ class Target:
 
     def full(self, coded: np.ndarray) -> torch.Tensor:
         """A tensor of the original shape and dtype from values of the coded part (other rows zero)."""
+        return self._placed(coded, lambda: torch.zeros(self.shape, dtype=self.tensor.dtype))
+
+    def patched(self, coded: np.ndarray) -> torch.Tensor:
+        """The original tensor with values of the coded part in place (its other rows as they are)."""
+        return self._placed(coded, self.tensor.clone)
+
+    def _placed(self, coded: np.ndarray, others: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Values of the coded part in the original shape and dtype, the other rows from others()."""
         part = torch.from_numpy(coded.reshape(self.coded_shape)).to(self.tensor.dtype)
         if self.transposed:
             return part.T
         if not self.rows:
             return part
-        out = torch.zeros(self.shape, dtype=self.tensor.dtype)
+        out = others()
         out[list(self.rows)] = part
-        return out
-
-    def patched(self, coded: np.ndarray) -> torch.Tensor:
-        """The original tensor with values of the coded part in place (its other rows as they are)."""
-        if not self.rows:
-            return self.full(coded)
-        out = self.tensor.clone()
-        out[list(self.rows)] = torch.from_numpy(coded.reshape(self.coded_shape)).to(self.tensor.dtype)
         return out
 
     @property

@@ -164,6 +164,12 @@ def _coded_tensor(e: Entry, shape: tuple[int, ...]) -> torch.Tensor:
     raise ValueError(f"unknown entry kind {e.kind!r}")
 
 
+def add_block(state: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:
+    """Put t under name in state, added to what is there: blocks of rows of one tensor (each
+    zero outside its rows) make up the tensor. The single rule used by search and decoder."""
+    state[name] = state[name] + t if name in state else t
+
+
 def state_dict_of(entries: list[Entry]) -> OrderedDict[str, torch.Tensor]:
     """The state dict of a list of entries, in their order: entries of one name (blocks of rows
     of one tensor, each zero outside its rows) add up; an alias is the whole tensor of the entry
@@ -175,7 +181,7 @@ def state_dict_of(entries: list[Entry]) -> OrderedDict[str, torch.Tensor]:
         t = entry_tensor(e)
         if e.name in sums and (sums[e.name].shape, sums[e.name].dtype) != (t.shape, t.dtype):
             raise ValueError(f"payload is corrupt (entries named {e.name!r} differ in shape or dtype)")
-        sums[e.name] = sums[e.name] + t if e.name in sums else t
+        add_block(sums, e.name, t)
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for e in entries:
         source = e

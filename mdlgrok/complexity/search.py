@@ -50,7 +50,7 @@ from mdlgrok.complexity.coarse import (
     zero_entry,
 )
 from mdlgrok.complexity.codecs import empirical_bits
-from mdlgrok.complexity.payload import BIN_STEPS, Entry, bin_width, entry_tensor, matrix_shape
+from mdlgrok.complexity.payload import BIN_STEPS, Entry, add_block, bin_width, entry_tensor, matrix_shape
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
 BIN_STRIDE = 2  # options on every 2nd grid point, bins 2^(1/4) apart (calibration moves by 2^(1/8))
@@ -523,8 +523,7 @@ class Search:
         if (config, shift) not in self.cache:
             state: dict[str, torch.Tensor] = {}
             for i, (t, h, d) in enumerate(zip(self.free, config, shift)):
-                x = self._tensor(i, h, d)  # blocks of rows of one tensor add up, as on decoding
-                state[t.name] = state[t.name] + x if t.name in state else x
+                add_block(state, t.name, self._tensor(i, h, d))
             self.cache[(config, shift)] = self.oracle(state)
         return self.cache[(config, shift)]
 
