@@ -1,5 +1,7 @@
 """Codecs: varints, zigzag, the ANS entropy coder, its per-array models, and the byte codecs."""
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -182,6 +184,23 @@ def test_choose_model_parameters_survive_float32():
     m = choose_model(a)
     assert m[0] == "laplace"
     assert float(np.float32(m[3])) == m[3] and float(np.float32(m[4])) == m[4]
+
+
+def test_laplace_bits_of_a_hand_computed_case():
+    from mdlgrok.complexity.codecs import _laplace_bits
+
+    cdf = lambda x: 0.5 * math.exp(x) if x < 0 else 1 - 0.5 * math.exp(-x)  # noqa: E731  Laplace(0, 1)
+    mass = cdf(1.5) - cdf(-1.5)  # truncated to [-1, 1]
+    p0, p1 = (cdf(0.5) - cdf(-0.5)) / mass, (cdf(1.5) - cdf(0.5)) / mass
+    want = -(3 * math.log2(p0) + 2 * math.log2(p1))
+    assert _laplace_bits(np.array([0, 0, 1, 0, 1]), 0.0, 1.0, -1, 1) == pytest.approx(want, rel=1e-12)
+
+
+def test_laplace_bits_floor_far_tails_at_the_coders_precision():
+    from mdlgrok.complexity.codecs import _laplace_bits
+
+    # a code 200 scales from the mean has probability ~e^-200: the coder spends 24 bits on it, no more
+    assert _laplace_bits(np.array([200]), 0.0, 1.0, -200, 200) == pytest.approx(PROB_FLOOR_BITS)
 
 
 def test_empirical_bits():
