@@ -430,6 +430,28 @@ def test_rows_read_in_any_way_are_kept(whole):
     check_honest(model, loss_fn, estimate(model, loss_fn, [0.1, 1.0]), [0.1, 1.0])
 
 
+class WithUnusedTable(nn.Module):
+    """A linear map and a 64-row table that the forward pass never touches."""
+
+    def __init__(self):
+        super().__init__()
+        self.out, self.unused = nn.Linear(4, 3), nn.Parameter(torch.randn(64, 4))
+
+    def forward(self, x):
+        return self.out(x)
+
+
+def test_a_matrix_never_read_takes_two_loss_calls_and_is_left_to_the_zero_option():
+    torch.manual_seed(0)
+    model, x = WithUnusedTable(), torch.randn(32, 4)
+    loss_fn = ce_closure(x, model(x).argmax(-1))
+    oracle = LossOracle(model, loss_fn)
+    assert read_rows(oracle, loss_fn(model)) == {}
+    assert oracle.calls == 1 + 2  # out.weight's last row is read; the table's last row and row 0 are not
+    (r,) = estimate(model, loss_fn, [0.1])
+    assert next(c for c in r.choices if c["name"] == "unused")["kind"] == "zero"
+
+
 def test_rows_whose_zeros_change_the_loss_are_kept():
     """NaN in rows 2.. leaves this loss unchanged but zeros there change it: nothing is dropped."""
     torch.manual_seed(0)

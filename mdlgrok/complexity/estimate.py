@@ -139,18 +139,20 @@ def read_rows(oracle: LossOracle, base: float) -> dict[str, tuple[int, ...]]:
     A row block counts as unread when filling it with NaN leaves the loss bit for bit
     unchanged (any read of a NaN, even times zero, makes the loss NaN); a binary search finds
     the shortest prefix that holds every read row. One loss call per matrix whose last row is
-    read, about log2(rows) more for the others, and one final check that zeroing all unread
-    rows at once leaves the loss unchanged (else no rows are dropped)."""
+    read, two for one that is not read at all, about log2(rows) more for the others, and one
+    final check that zeroing all unread rows at once leaves the loss unchanged (else no rows
+    are dropped)."""
     rows = {}
     for name, t in oracle.original.items():
         if not t.is_floating_point() or t.ndim < 2 or t.shape[0] < 2 or _reads_from(oracle, base, name, t.shape[0] - 1):
             continue
-        lo, hi = 0, t.shape[0] - 1  # rows hi.. are unread; find the smallest such hi
+        if not _reads_from(oracle, base, name, 0):  # no row read: the search's zero option covers it
+            continue
+        lo, hi = 1, t.shape[0] - 1  # rows hi.. are unread; find the smallest such hi
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (mid + 1, hi) if _reads_from(oracle, base, name, mid) else (lo, mid)
-        if hi > 0:  # hi == 0: nothing is read; the search's zero option covers that tensor
-            rows[name] = tuple(range(hi))
+        rows[name] = tuple(range(hi))
     if rows:
         trimmed = {k: _filled(oracle.original[k], len(r), 0.0) for k, r in rows.items()}
         if oracle(trimmed) != base:
