@@ -593,6 +593,45 @@ def test_full_size_transformer_is_honest_at_the_papers_eps():
     assert all(r.bits < r.naive_bits for r in results)
 
 
+# ---------------------------------------------------------------- sensitivity probe
+def quadratic_oracle(curvatures):
+    """Matrices whose loss is 1 + sum_i c_i |W_i - W_i(0)|^2: sensitivity c_i exactly (c = 0: unread)."""
+    from mdlgrok.complexity.coarse import targets_of
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in curvatures))
+    start = [m.weight.detach().clone() for m in model]
+
+    def loss_fn(module):
+        with torch.no_grad():
+            return 1.0 + sum(float(c * ((m.weight - w) ** 2).sum()) for c, m, w in zip(curvatures, module, start))
+
+    oracle = LossOracle(model, loss_fn)
+    return oracle, targets_of(oracle.original)
+
+
+def test_the_probe_measures_the_curvature_where_the_loss_rises_by_its_target():
+    from mdlgrok.complexity.search import PROBE_TARGET, sensitivity
+
+    oracle, (t,) = quadratic_oracle([0.03])
+    s, r = sensitivity(t, oracle, 1.0, np.random.default_rng(0))
+    assert s == pytest.approx(0.03, rel=1e-4)
+    rise = 0.03 * r**2 * (t.w**2).sum()  # the noise has the rms of the weights times r
+    assert PROBE_TARGET / 10 <= rise <= PROBE_TARGET * 10 and oracle.calls == 4  # 0.05 too small: once more
+
+
+def test_each_probe_starts_where_the_last_of_its_kind_ended():
+    from mdlgrok.complexity.search import sensitivities
+
+    oracle, targets = quadratic_oracle([0.03, 0.0, 0.03, 0.06])
+    counted = []
+    real = oracle.__call__
+    sens = sensitivities(targets, lambda *a, **k: counted.append(1) or real(*a, **k), 1.0, seed=0)
+    assert sens[0] == pytest.approx(0.03, rel=1e-4) and sens[2] == pytest.approx(0.03, rel=1e-4)
+    assert sens[1] == 0.0 and sens[3] == pytest.approx(0.06, rel=1e-4)
+    assert len(counted) == 4 + 4 + 2 + 2  # the unread matrix: 0.05, then the largest noise; the others in one
+
+
 # ---------------------------------------------------------------- calibration of decoded bins
 def test_a_shifted_entry_decodes_scaled_by_its_grid_steps():
     from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, targets_of, zero_entry
@@ -633,6 +672,29 @@ def test_calibration_scales_up_an_underconfident_readout():
     results = estimate(model, loss_fn, [0.01])
     check_honest(model, loss_fn, results, [0.01])
     assert results[0].coarse_loss < base
+
+
+@pytest.mark.parametrize(
+    "loss_of_shift, shift, calls",
+    [
+        (lambda d: (d - 5) ** 2, 5, 3),  # one step either side, then the parabola's vertex
+        (lambda d: (d - 20) ** 2, 8, 3),  # a vertex past the bound: the bound (MAX_SHIFT = 8)
+        (lambda d: -d, 8, 3),  # no curvature: as far as allowed, downhill
+        (lambda d: (d + 1) ** 2, -1, 2),  # one step: the vertex is the point already tried
+        (lambda d: d**2, 0, 2),  # both sides worse: no move
+    ],
+)
+def test_calibration_of_a_tensor_takes_a_few_loss_calls(monkeypatch, loss_of_shift, shift, calls):
+    search = one_hull_search(3)
+    asked = []
+
+    def loss(config, shift=None):
+        asked.append(shift)
+        return float(loss_of_shift(shift[0]))
+
+    monkeypatch.setattr(search, "loss", loss)
+    assert search._calibrate((0,), (0,)) == (shift,)
+    assert len(asked) == 1 + calls  # the first call is the loss where calibration starts
 
 
 def test_best_calibrates_again_after_a_polish_that_changed_the_configuration(monkeypatch):

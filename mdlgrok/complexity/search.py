@@ -64,7 +64,7 @@ HIGH_RATE_BITS = 5.0  # bins finer than where rounding to nearest spends 5 bits 
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
 SHRINKAGE = (0.0, 0.5, 1.0)  # exponents beta tried for the sensitivities (1: as the probe measured them)
 MAX_SHIFT = 8  # calibration: decoded bins at most 2^(8/8) from the coding bin
-POLISH_PASSES = 2
+POLISH_PASSES = 1
 ROUNDS = 2  # rounds of calibration and polish
 MULTI_START_EPS = 2.0  # nats: from here up, the cheapest starts of several paths are refined
 MULTI_STARTS = 2
@@ -453,11 +453,15 @@ def _zero_option(t: Target) -> list[Option]:
     return [Option("zero", 0.0, float(err))]
 
 
-def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Generator) -> float:
-    """Loss increase per unit squared error of tensor t, from antithetic uniform noise."""
+def sensitivity(
+    t: Target, oracle: LossOracle, base: float, rng: np.random.Generator, r: float = 0.05
+) -> tuple[float, float | None]:
+    """Loss increase per unit squared error of tensor t, from antithetic uniform noise of r times
+    its rms, r adjusted until the loss rises by about PROBE_TARGET; and that r. A loss that stays
+    bit for bit the same ignores the tensor: the largest noise confirms it."""
     rms = float(np.sqrt((t.w**2).mean())) or 1e-3
     direction = rng.uniform(-1.0, 1.0, size=t.w.shape) * math.sqrt(3.0)  # unit variance
-    r, curv, norm2 = 0.05, 0.0, 1.0
+    curv, norm2 = 0.0, 1.0
     for _ in range(4):
         z = direction * r * rms
         norm2 = float((z**2).sum())
@@ -467,10 +471,27 @@ def sensitivity(t: Target, oracle: LossOracle, base: float, rng: np.random.Gener
         if not math.isfinite(curv):
             r /= 10
             continue
-        if PROBE_TARGET / 10 <= curv <= PROBE_TARGET * 10 or r >= 10:
+        if PROBE_TARGET / 10 <= curv <= PROBE_TARGET * 10:
+            return max(curv, 0.0) / norm2, r
+        if curv < PROBE_TARGET / 10 and r >= 10:
             break
+        if plus == minus == base:
+            r = 10.0
+            continue
         r = float(np.clip(r * math.sqrt(PROBE_TARGET / max(curv, 1e-9)), r / 30, min(r * 30, 10.0)))
-    return max(curv, 0.0) / norm2 if math.isfinite(curv) else 1e6 / norm2
+    return (max(curv, 0.0) / norm2 if math.isfinite(curv) else 1e6 / norm2), None
+
+
+def sensitivities(targets: list[Target], oracle: LossOracle, base: float, seed: int) -> list[float]:
+    """Every target's sensitivity; each probe starts from the radius that the last probe of a
+    tensor of as many dimensions ended on (tensors of one kind respond alike)."""
+    rng, last, out = np.random.default_rng(seed), {}, []
+    for t in targets:
+        s, r = sensitivity(t, oracle, base, rng, last.get(t.tensor.ndim, 0.05))
+        if r is not None:
+            last[t.tensor.ndim] = r
+        out.append(s)
+    return out
 
 
 Choice = tuple[tuple[int, ...], tuple[int, ...]]  # (hull index, bin shift) per quantizable tensor
@@ -483,8 +504,7 @@ class Search:
         self.targets, self.oracle, self.base = targets, oracle, base
         self.free = [t for t in targets if t.quantizable]
         self.hulls = all_options(self.free, lowrank, threads=torch.get_num_threads())
-        rng = np.random.default_rng(seed)
-        self.sens = [sensitivity(t, oracle, base, rng) for t in self.free]
+        self.sens = sensitivities(self.free, oracle, base, seed)
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
         self.cache: dict[Choice, float] = {}
         self.tensors: dict[tuple[int, int, int], torch.Tensor] = {}  # (tensor, hull index, shift) -> decoded
@@ -581,26 +601,44 @@ class Search:
 
     def _calibrate(self, config: tuple[int, ...], shift: tuple[int, ...]) -> tuple[int, ...]:
         """Shifts of the decoded bins (the same codes, scaled by 2^(d/8): no bits) that lower the
-        loss, one tensor at a time, largest first. Coarse-graining upsets the scale of what a
-        LayerNorm passes on and the confidence of the logits; a scale can give some of it back."""
+        loss, one tensor at a time, largest first, two or three loss calls each (_line).
+        Coarse-graining upsets the scale of what a LayerNorm passes on and the confidence of the
+        logits; a scale can give some of it back."""
         shift, best = list(shift), self.loss(config, shift)
         order = sorted(
             (i for i in range(len(config)) if self.hulls[i][config[i]].kind != "zero"),
             key=lambda i: -self.hulls[i][config[i]].bits,
         )
         for i in order:
-            for step in (1, -1):
-                moved = False
-                while abs(shift[i] + step) <= MAX_SHIFT:
-                    trial = shift.copy()
-                    trial[i] += step
-                    loss = self.loss(config, tuple(trial))
-                    if not loss < best:
-                        break
-                    shift, best, moved = trial, loss, True
-                if moved:
-                    break
+            shift, best = self._line(config, shift, best, i)
         return tuple(shift)
+
+    def _line(self, config: tuple[int, ...], shift: list[int], best: float, i: int) -> tuple[list[int], float]:
+        """Tensor i's shift: the loss one step either side and, where one is lower, at the vertex
+        of the parabola through the three points (the loss is smooth in a scale), as far as
+        MAX_SHIFT allows (all the way where the three are not convex); the lowest point tried."""
+
+        def at(d: int) -> float:
+            trial = shift.copy()
+            trial[i] = d
+            return self.loss(config, tuple(trial)) if abs(d) <= MAX_SHIFT else math.inf
+
+        s0 = shift[i]
+        up, down = at(s0 + 1), at(s0 - 1)
+        if not min(up, down) < best:
+            return shift, best
+        step = 1 if up < down else -1
+        tried = [(min(up, down), s0 + step)]
+        curv = (up + down) / 2 - best
+        if math.isfinite(curv):  # not past a bound, and no failed call
+            reach = round((down - up) / (4 * curv) * step) if curv > 0 else 2 * MAX_SHIFT  # in steps
+            d = s0 + step * min(reach, MAX_SHIFT - step * s0)
+            if abs(d - s0) > 1:
+                tried.append((at(d), d))
+        loss, d = min(tried, key=lambda point: point[0])  # the first of equals
+        shift = shift.copy()
+        shift[i] = d
+        return shift, loss
 
     def _along(self, p: int, eps: float) -> list[Choice]:
         """Binary search for the last feasible configuration of path p (loss ~ monotone along
