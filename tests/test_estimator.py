@@ -593,6 +593,41 @@ def test_full_size_transformer_is_honest_at_the_papers_eps():
     assert all(r.bits < r.naive_bits for r in results)
 
 
+# ---------------------------------------------------------------- the loss oracle
+def test_the_oracle_gives_each_set_of_tensors_its_own_loss_in_any_order():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.randn(50, 4)
+    loss_fn = ce_closure(x, model(x).argmax(-1))
+    oracle = LossOracle(model, loss_fn)
+    zero, half = torch.zeros(4, 4), 0.5 * model[0].weight.detach()
+    sets = [{}, {"0.weight": zero}, {"0.weight": half}, {"0.weight": half, "2.bias": torch.ones(3)}, {}]
+    expected = []
+    for tensors in sets:  # each from a fresh copy of the model
+        fresh = copy.deepcopy(model)
+        fresh.load_state_dict({**model.state_dict(), **tensors})
+        expected.append(loss_fn(fresh))
+    for order in ([0, 1, 2, 3, 4], [3, 1, 3, 0, 2, 2, 4, 1]):  # the same tensor objects, handed over again
+        assert [oracle(sets[i]) for i in order] == [expected[i] for i in order]
+
+
+def test_the_oracle_copies_buffers_anew_for_a_forward_pass_that_updates_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).eval()
+    x = torch.randn(50, 4)
+    y = model(x).argmax(-1)
+
+    def loss_fn(module):  # a train-mode pass moves the running statistics, then an eval-mode loss
+        module.train()
+        module(x + 3)
+        module.eval()
+        return ce_closure(x, y)(module)
+
+    oracle = LossOracle(model, loss_fn)
+    first = oracle({})
+    assert oracle({}) == first == oracle({}) and oracle({"0.bias": torch.zeros(4)}) != first
+
+
 # ---------------------------------------------------------------- sensitivity probe
 def quadratic_oracle(curvatures):
     """Matrices whose loss is 1 + sum_i c_i |W_i - W_i(0)|^2: sensitivity c_i exactly (c = 0: unread)."""

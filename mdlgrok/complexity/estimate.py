@@ -291,5 +291,4 @@ def verify(entries: list[Entry], oracle: LossOracle) -> tuple[bytes, float, dict
 def _extra(eval_fn, oracle: LossOracle, payload: bytes) -> dict[str, float]:
     if eval_fn is None:
         return {}
-    oracle.probe.load_state_dict(decode(payload), strict=False)  # a module's extra state is no weight
-    return {k: float(v) for k, v in eval_fn(oracle.probe).items()}
+    return {k: float(v) for k, v in eval_fn(oracle.place(decode(payload))).items()}

@@ -195,11 +195,7 @@ def _bayes_opt(objective: Callable[[float, float], float], seed: int) -> None:
 def _paper_extra(eval_fn, oracle: LossOracle, payload: bytes, shapes) -> dict[str, float]:
     if eval_fn is None:
         return {}
-    oracle({})  # restore the originals, then overwrite the coarse-grained tensors
-    with torch.no_grad():
-        for name, value in decode_paper(payload, shapes).items():
-            oracle.slots[name].copy_(value)
-    return {k: float(v) for k, v in eval_fn(oracle.probe).items()}
+    return {k: float(v) for k, v in eval_fn(oracle.place(decode_paper(payload, shapes))).items()}
 
 
 __all__ = ["paper_estimate", "coarse_arrays", "decode_paper", "rank_for_tau", "paper_rank"]

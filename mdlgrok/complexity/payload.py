@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -348,11 +349,14 @@ def encode(entries: list[Entry], codec: str) -> bytes:
 
 
 def encode_all(entries: list[Entry]) -> dict[str, bytes]:
-    """The payload under every codec; the description is the shortest."""
+    """The payload under every codec, each in a thread of its own (the compressors release the
+    GIL); the description is the shortest."""
+    with ThreadPoolExecutor(len(CODEC_IDS)) as pool:
+        futures = {name: pool.submit(encode, entries, name) for name in CODEC_IDS}
     out = {}
-    for name in CODEC_IDS:
+    for name, future in futures.items():
         try:
-            out[name] = encode(entries, name)
+            out[name] = future.result()
         except ValueError:  # only the entropy coder refuses input (codes too wide for it)
             if name != ENTROPY_CODEC:
                 raise

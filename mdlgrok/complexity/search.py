@@ -119,22 +119,39 @@ class LossOracle:
         self.slots = {k: v for k, v in self.probe.state_dict(keep_vars=False).items() if isinstance(v, torch.Tensor)}
         self.original = copy.deepcopy(self.slots)  # a deep copy keeps tied weights tied (targets_of aliases them)
         self.loss_fn, self.calls, self.seconds = loss_fn, 0, 0.0  # calls, and the time inside them
+        self.held: dict[int, torch.Tensor] = {}  # parameter storage -> the tensor last copied into it
+        self._params = {p.data_ptr() for p in self.probe.parameters()}  # buffers a forward pass may update
 
     def restore(self) -> None:
         """Put the original weights back in the probe (no loss call)."""
         with torch.no_grad():
             for name, slot in self.slots.items():
                 slot.copy_(self.original[name])
+        self.held.clear()
+
+    def _put(self, name: str, value: torch.Tensor) -> None:
+        """Copy value into the slot, unless the slot is a parameter's and that very tensor is the
+        last one copied there (the search hands the same decoded tensors over and over, and no
+        one writes into them; a buffer, such as a batch norm's running mean, is copied anew)."""
+        slot, key = self.slots[name], self.slots[name].data_ptr()
+        if key not in self._params or self.held.get(key) is not value:
+            slot.copy_(value)
+            self.held[key] = value
+
+    def place(self, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """The probe with `tensors` in place of the originals (the others are the originals)."""
+        with torch.no_grad():  # originals first, then the given ones (tied weights share a slot)
+            for name in self.slots:
+                if name not in tensors:
+                    self._put(name, self.original[name])
+            for name, value in tensors.items():
+                self._put(name, value)
+        return self.probe
 
     def __call__(self, tensors: dict[str, torch.Tensor], constrained: bool = True) -> float:
         """Loss with `tensors` in place of the originals (the others are the originals); inf where
         `accept` rejects it, unless constrained=False (the loss alone)."""
-        with torch.no_grad():  # originals first, then the given ones (tied weights share a slot)
-            for name, slot in self.slots.items():
-                if name not in tensors:
-                    slot.copy_(self.original[name])
-            for name, value in tensors.items():
-                self.slots[name].copy_(value)
+        self.place(tensors)
         self.calls += 1
         start = time.perf_counter()
         try:
