@@ -667,6 +667,22 @@ def test_each_probe_starts_where_the_last_of_its_kind_ended():
     assert len(counted) == 4 + 4 + 2 + 2  # the unread matrix: 0.05, then the largest noise; the others in one
 
 
+def test_each_option_is_rounded_once_and_a_smaller_store_gives_the_same_payloads(monkeypatch):
+    from mdlgrok.complexity import search as S
+
+    model, data = trained_transformer()
+    loss_fn = lambda m: evaluate(m, data.x_train, data.y_train)[0]  # noqa: E731
+    rounded = []
+    real = S.Option.entry
+    monkeypatch.setattr(S.Option, "entry", lambda option, t: rounded.append((id(option), t.index)) or real(option, t))
+    results = estimate(model, loss_fn, [1.0, 0.25])
+    assert len(rounded) == len(set(rounded))  # every tensor's entries fit in the store: none rounded twice
+    monkeypatch.setattr(S, "ENTRY_CODES", 1)  # two entries a tensor: rounded again when they come back
+    rounded.clear()
+    again = estimate(model, loss_fn, [1.0, 0.25])
+    assert len(rounded) > len(set(rounded)) and [r.payload for r in again] == [r.payload for r in results]
+
+
 # ---------------------------------------------------------------- calibration of decoded bins
 def test_a_shifted_entry_decodes_scaled_by_its_grid_steps():
     from mdlgrok.complexity.coarse import dense_entry, lowrank_entry, targets_of, zero_entry

@@ -69,6 +69,7 @@ ROUNDS = 2  # rounds of calibration and polish
 MULTI_START_EPS = 2.0  # nats: from here up, the cheapest starts of several paths are refined
 MULTI_STARTS = 2
 POLISH_MIN_SHARE = 0.01  # polish tensors holding at least 1% of the bits
+ENTRY_CODES = 1 << 22  # rounded entries kept per tensor (the last used): about this many codes, two at least
 RANKS = (
     1,
     2,
@@ -525,7 +526,7 @@ class Search:
         self.paths = [self._path(shrink(self.sens, beta)) for beta in SHRINKAGE]
         self.cache: dict[Choice, float] = {}
         self.tensors: dict[tuple[int, int, int], torch.Tensor] = {}  # (tensor, hull index, shift) -> decoded
-        self._entries: dict[int, tuple[int, Entry]] = {}  # tensor -> (hull index, entry) last rounded
+        self._entries: dict[int, dict[int, Entry]] = {}  # tensor -> hull index -> entry, the last used
 
     def _path(self, sens: list[float]) -> list[tuple[int, ...]]:
         """Configurations (hull index per tensor) from the finest to the coarsest."""
@@ -572,9 +573,12 @@ class Search:
 
     def _entry(self, i: int, h: int) -> Entry:
         """Entry of option h of tensor i; every shift of its bins reads the same codes."""
-        if self._entries.get(i, (None,))[0] != h:  # one per tensor: calibration shifts a fixed option
-            self._entries[i] = h, self.hulls[i][h].entry(self.free[i])
-        return self._entries[i][1]
+        kept = self._entries.setdefault(i, {})
+        entry = kept.pop(h, None) or self.hulls[i][h].entry(self.free[i])
+        kept[h] = entry  # the last used go last; a polish step that fails comes back to the kept one
+        if len(kept) > max(2, ENTRY_CODES // self.free[i].w.size):
+            del kept[next(iter(kept))]
+        return entry
 
     def feasible(self, config: tuple[int, ...], eps: float, shift: tuple[int, ...] | None = None) -> bool:
         return within(self.loss(config, shift), self.base, eps)
