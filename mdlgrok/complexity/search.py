@@ -120,24 +120,24 @@ class LossOracle:
         self.slots = {k: v for k, v in self.probe.state_dict(keep_vars=False).items() if isinstance(v, torch.Tensor)}
         self.original = copy.deepcopy(self.slots)  # a deep copy keeps tied weights tied (targets_of aliases them)
         self.loss_fn, self.calls, self.seconds = loss_fn, 0, 0.0  # calls, and the time inside them
-        self.held: dict[int, torch.Tensor] = {}  # parameter storage -> the tensor last copied into it
-        self._params = {p.data_ptr() for p in self.probe.parameters()}  # buffers a forward pass may update
+        self._held: dict[int, torch.Tensor] = {}  # a slot's storage -> the tensor last copied into it
+        self._params = {p.data_ptr() for p in self.probe.parameters()}  # the slots that a forward pass leaves alone
 
     def restore(self) -> None:
         """Put the original weights back in the probe (no loss call)."""
         with torch.no_grad():
             for name, slot in self.slots.items():
                 slot.copy_(self.original[name])
-        self.held.clear()
+        self._held.clear()
 
     def _put(self, name: str, value: torch.Tensor) -> None:
         """Copy value into the slot, unless the slot is a parameter's and that very tensor is the
         last one copied there (the search hands the same decoded tensors over and over, and no
         one writes into them; a buffer, such as a batch norm's running mean, is copied anew)."""
         slot, key = self.slots[name], self.slots[name].data_ptr()
-        if key not in self._params or self.held.get(key) is not value:
+        if key not in self._params or self._held.get(key) is not value:
             slot.copy_(value)
-            self.held[key] = value
+            self._held[key] = value
 
     def place(self, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The probe with `tensors` in place of the originals (the others are the originals)."""
@@ -574,7 +574,7 @@ class Search:
     def _entry(self, i: int, h: int) -> Entry:
         """Entry of option h of tensor i; every shift of its bins reads the same codes."""
         kept = self._entries.setdefault(i, {})
-        entry = kept.pop(h, None) or self.hulls[i][h].entry(self.free[i])
+        entry = kept.pop(h) if h in kept else self.hulls[i][h].entry(self.free[i])
         kept[h] = entry  # the last used go last; a polish step that fails comes back to the kept one
         if len(kept) > max(2, ENTRY_CODES // self.free[i].w.size):
             del kept[next(iter(kept))]
