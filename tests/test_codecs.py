@@ -203,6 +203,26 @@ def test_laplace_bits_floor_far_tails_at_the_coders_precision():
     assert _laplace_bits(np.array([200]), 0.0, 1.0, -200, 200) == pytest.approx(PROB_FLOOR_BITS)
 
 
+@FAST
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 300),
+    mean=st.floats(-20, 20),
+    scale=st.floats(0.05, 50),
+)
+def test_laplace_bits_agree_with_scipys_laplace(seed, n, mean, scale):
+    from scipy.stats import laplace
+
+    from mdlgrok.complexity.codecs import _laplace_bits
+
+    codes = np.rint(np.random.default_rng(seed).laplace(mean, scale, size=n)).astype(np.int64)
+    lo, hi = int(codes.min()) - 1, int(codes.max()) + 1
+    cdf = lambda x: laplace.cdf(x, loc=mean, scale=scale)  # noqa: E731
+    p = (cdf(codes + 0.5) - cdf(codes - 0.5)) / (cdf(hi + 0.5) - cdf(lo - 0.5))
+    want = float(-np.log2(np.maximum(p, 2.0**-PROB_FLOOR_BITS)).sum())
+    assert _laplace_bits(codes, mean, scale, lo, hi) == pytest.approx(want, rel=1e-9, abs=1e-6)
+
+
 def test_empirical_bits():
     assert empirical_bits(np.zeros(0, dtype=np.int64)) == 0.0
     assert empirical_bits(np.full(50, 3)) == 0.0

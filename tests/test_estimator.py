@@ -611,6 +611,23 @@ def test_the_oracle_gives_each_set_of_tensors_its_own_loss_in_any_order():
         assert [oracle(sets[i]) for i in order] == [expected[i] for i in order]
 
 
+def test_the_oracle_keeps_tied_weights_right_whichever_name_is_handed_over():
+    torch.manual_seed(0)
+    emb, out = nn.Embedding(6, 4), nn.Linear(4, 6, bias=False)
+    out.weight = emb.weight  # one tensor under two names
+    model = nn.Sequential(emb, out)
+    x = torch.randint(0, 6, (40,))
+    loss_fn = ce_closure(x, x)
+    oracle = LossOracle(model, loss_fn)
+    half = 0.5 * emb.weight.detach()
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        fresh[0].weight.copy_(half)
+    expected, base = loss_fn(fresh), loss_fn(model)
+    for name in ("0.weight", "1.weight", "0.weight"):
+        assert oracle({name: half}) == expected and oracle({}) == base
+
+
 def test_the_oracle_copies_buffers_anew_for_a_forward_pass_that_updates_them():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).eval()
@@ -664,7 +681,8 @@ def test_each_probe_starts_where_the_last_of_its_kind_ended():
     sens = sensitivities(targets, lambda *a, **k: counted.append(1) or real(*a, **k), 1.0, seed=0)
     assert sens[0] == pytest.approx(0.03, rel=1e-4) and sens[2] == pytest.approx(0.03, rel=1e-4)
     assert sens[1] == 0.0 and sens[3] == pytest.approx(0.06, rel=1e-4)
-    assert len(counted) == 4 + 4 + 2 + 2  # the unread matrix: 0.05, then the largest noise; the others in one
+    # the unread matrix: the first's radius, then the largest noise; the others in one probe
+    assert len(counted) == 4 + 4 + 2 + 2
 
 
 def test_each_option_is_rounded_once_and_a_smaller_store_gives_the_same_payloads(monkeypatch):
@@ -746,6 +764,32 @@ def test_calibration_of_a_tensor_takes_a_few_loss_calls(monkeypatch, loss_of_shi
     monkeypatch.setattr(search, "loss", loss)
     assert search._calibrate((0,), (0,)) == (shift,)
     assert len(asked) == 1 + calls  # the first call is the loss where calibration starts
+
+
+def test_calibration_never_asks_past_the_bound_nor_past_a_failed_side(monkeypatch):
+    from mdlgrok.complexity.search import MAX_SHIFT
+
+    search = one_hull_search(3)
+    asked = []
+
+    def loss(config, shift=None):
+        asked.append(shift[0])
+        return math.inf if shift[0] < -2 else float(-shift[0])  # lower upward; a failed call below -2
+
+    monkeypatch.setattr(search, "loss", loss)
+    assert search._calibrate((0,), (MAX_SHIFT,)) == (MAX_SHIFT,)  # at the bound: one step down is worse
+    assert max(asked) <= MAX_SHIFT
+    one_sided = lambda config, shift=None: math.inf if shift[0] > 0 else float(abs(shift[0] + 2))  # noqa: E731
+    monkeypatch.setattr(search, "loss", one_sided)
+    assert search._calibrate((0,), (0,)) == (-1,)  # the other side failed: one step, no vertex
+
+
+def test_calibration_keeps_the_one_step_point_where_the_vertex_is_worse(monkeypatch):
+    search = one_hull_search(3)
+    losses = {0: 1.0, 1: 0.5, -1: 1.2}  # not convex: the bound (+8) is tried, and it is worse than +1
+
+    monkeypatch.setattr(search, "loss", lambda config, shift=None: losses.get(shift[0], 5.0))
+    assert search._calibrate((0,), (0,)) == (1,)
 
 
 def test_best_calibrates_again_after_a_polish_that_changed_the_configuration(monkeypatch):

@@ -139,7 +139,7 @@ def read_rows(oracle: LossOracle, base: float) -> dict[str, tuple[int, ...]]:
     A row block counts as unread when filling it with NaN leaves the loss bit for bit
     unchanged (any read of a NaN, even times zero, makes the loss NaN); a binary search finds
     the shortest prefix that holds every read row. One loss call per matrix whose last row is
-    read, two for one that is not read at all, about log2(rows) more for the others, and one
+    read, two for one that is not read at all, two plus about log2(rows) for the others, and one
     final check that zeroing all unread rows at once leaves the loss unchanged (else no rows
     are dropped)."""
     rows = {}
@@ -189,7 +189,8 @@ def estimate(
 ) -> list[Result]:
     """Complexity of `model` at every eps; one Result per eps, in the order given.
 
-    loss_fn(module) -> mean training loss (nats) of that module. eval_fn(module) -> dict of
+    loss_fn(module) -> mean training loss (nats) of that module; it may update buffers (a batch
+    norm's running statistics) but must not write into parameters. eval_fn(module) -> dict of
     extra metrics (test loss, accuracies) recorded for the coarse model. lowrank=False is
     the "quantization alone" baseline. data_aware=False measures every error in the plain
     Frobenius norm (no input moments, no error feedback). The paper's own procedure is

@@ -475,8 +475,9 @@ def sensitivity(
     t: Target, oracle: LossOracle, base: float, rng: np.random.Generator, r: float = 0.05
 ) -> tuple[float, float | None]:
     """Loss increase per unit squared error of tensor t, from antithetic uniform noise of r times
-    its rms, r adjusted until the loss rises by about PROBE_TARGET; and that r. A loss that stays
-    bit for bit the same ignores the tensor: the largest noise confirms it."""
+    its rms, r adjusted until the loss rises by about PROBE_TARGET; and that r (None where none did).
+    A loss that stays bit for bit the same under noise of r >= 0.05 ignores the tensor, or nearly:
+    the largest noise, r = 10, is tried at once."""
     rms = float(np.sqrt((t.w**2).mean())) or 1e-3
     direction = rng.uniform(-1.0, 1.0, size=t.w.shape) * math.sqrt(3.0)  # unit variance
     curv, norm2 = 0.0, 1.0
@@ -493,7 +494,7 @@ def sensitivity(
             return max(curv, 0.0) / norm2, r
         if curv < PROBE_TARGET / 10 and r >= 10:
             break
-        if plus == minus == base:
+        if plus == minus == base and r >= 0.05:  # a smaller noise may be below the loss's resolution
             r = 10.0
             continue
         r = float(np.clip(r * math.sqrt(PROBE_TARGET / max(curv, 1e-9)), r / 30, min(r * 30, 10.0)))
@@ -501,8 +502,8 @@ def sensitivity(
 
 
 def sensitivities(targets: list[Target], oracle: LossOracle, base: float, seed: int) -> list[float]:
-    """Every target's sensitivity; each probe starts from the radius that the last probe of a
-    tensor of as many dimensions ended on (tensors of one kind respond alike)."""
+    """Every target's sensitivity; each probe starts from the radius on which the last probe of a
+    tensor of as many dimensions landed in range (tensors of one kind respond alike)."""
     rng, last, out = np.random.default_rng(seed), {}, []
     for t in targets:
         s, r = sensitivity(t, oracle, base, rng, last.get(t.tensor.ndim, 0.05))
@@ -652,7 +653,7 @@ class Search:
         tried = [(min(up, down), s0 + step)]
         curv = (up + down) / 2 - best
         if math.isfinite(curv):  # not past a bound, and no failed call
-            reach = round((down - up) / (4 * curv) * step) if curv > 0 else 2 * MAX_SHIFT  # in steps
+            reach = round(min((down - up) / (4 * curv) * step, 2 * MAX_SHIFT)) if curv > 0 else 2 * MAX_SHIFT
             d = s0 + step * min(reach, MAX_SHIFT - step * s0)
             if abs(d - s0) > 1:
                 tried.append((at(d), d))
