@@ -131,7 +131,7 @@ class Target:
         w = self.w.reshape(m, n)
         if m * n > FOURIER_SAMPLE:  # a large table: the l1 norms of a seeded sample of its columns
             keep = max(-(-FOURIER_SAMPLE // m), 1)
-            w = w[:, np.sort(np.random.default_rng(0).choice(n, min(keep, n), replace=False))]
+            w = w[:, seeded_sample(n, keep)]
         plain = np.abs(w).sum()
         l1 = {f: _fourier_l1(w[:f]) + np.abs(w[f:]).sum() for f in range(m, max(m - FOURIER_TRIM, 2) - 1, -1)}
         best = min(l1, key=l1.get)
@@ -141,6 +141,11 @@ class Target:
         """Largest rank whose factors are cheaper than the matrix: k (m + n) < m n."""
         m, n = matrix_shape(self.coded_shape)
         return (m * n - 1) // (m + n)
+
+
+def seeded_sample(n: int, k: int) -> np.ndarray:
+    """min(k, n) of the indices 0..n-1, drawn with seed 0 (the same every call), in order."""
+    return np.sort(np.random.default_rng(0).choice(n, min(k, n), replace=False))
 
 
 def _fourier_l1(x: np.ndarray) -> float:

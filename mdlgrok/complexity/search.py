@@ -46,6 +46,7 @@ from mdlgrok.complexity.coarse import (
     lowrank_entry,
     quantize,
     raw_entry,
+    seeded_sample,
     to_fourier,
     zero_entry,
 )
@@ -124,11 +125,9 @@ class LossOracle:
         self._params = {p.data_ptr() for p in self.probe.parameters()}  # the slots that a forward pass leaves alone
 
     def restore(self) -> None:
-        """Put the original weights back in the probe (no loss call)."""
-        with torch.no_grad():
-            for name, slot in self.slots.items():
-                slot.copy_(self.original[name])
+        """Put the original weights back in the probe (no loss call), every slot copied anew."""
         self._held.clear()
+        self.place({})
 
     def _put(self, name: str, value: torch.Tensor) -> None:
         """Copy value into the slot, unless the slot is a parameter's and that very tensor is the
@@ -295,7 +294,7 @@ def _sampled(x: np.ndarray) -> bool:
 
 def _sample_rows(x: np.ndarray) -> np.ndarray:
     """A seeded sample of x's row indices (_sample_size of them), in order."""
-    return np.sort(np.random.default_rng(0).choice(len(x), _sample_size(x), replace=False))
+    return seeded_sample(len(x), _sample_size(x))
 
 
 def _sampled_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
