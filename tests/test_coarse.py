@@ -321,3 +321,19 @@ def test_a_large_table_is_judged_for_fourier_rows_on_a_sample_of_its_columns():
     assert t.fourier() == p
     (r,) = targets_of({"emb": torch.randn(p + 2, cols, generator=torch.Generator().manual_seed(0))})
     assert r.fourier() == 0
+
+
+def test_a_large_matrix_is_rounded_with_gptq_in_float32(monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(400, 12))
+    h = x.T @ x / len(x)
+    t = coarse.targets_of({"w": torch.from_numpy(rng.laplace(size=(6, 12)))}, moments={"w": h / (np.trace(h) / 12)})[0]
+    w = t.w.reshape(6, 12)
+    u = t.whitened()[3]
+    assert (coarse.round_rows(t, w, [-3]) == coarse.gptq_codes(w, [-3], u)).all()  # small: float64
+    monkeypatch.setattr(coarse, "GPTQ_FLOAT32_FROM", w.size)
+    calls = []
+    real = coarse.gptq_codes
+    monkeypatch.setattr(coarse, "gptq_codes", lambda *a, **k: calls.append(k["dtype"]) or real(*a, **k))
+    assert (coarse.round_rows(t, w, [-3]) == real(w, [-3], u, dtype=np.float32)).all()
+    assert calls == [np.float32]

@@ -255,6 +255,24 @@ def test_naive_bits_is_bzip2_of_float32_bytes_per_parameter():
     assert expected > 8 * 4 * sum(p.numel() for p in model.parameters()) * 0.8  # random floats barely compress
 
 
+def test_naive_size_is_of_the_weights_at_estimate_time_and_computed_once(monkeypatch):
+    model = tiny_transformer(0)
+    before = naive_bits(model)
+
+    def loss_fn(m):
+        return 1.0 + 1e-3 * float(sum(p.detach().abs().sum() for p in m.parameters()))
+
+    results = estimate(model, loss_fn, [4.0, 2.0])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # the model changes after the estimate: its naive size is of the weights it measured
+    calls = []
+    real = bz2.compress
+    monkeypatch.setattr(bz2, "compress", lambda data: calls.append(1) or real(data))
+    assert [r.naive_bits for r in results] == [before, before]
+    assert len(calls) == len(list(model.parameters()))  # bzip2 ran once for both results
+
+
 # ---------------------------------------------------------------- generic modules
 def test_generic_module_with_batchnorm_buffers():
     torch.manual_seed(0)

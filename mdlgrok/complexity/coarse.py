@@ -160,6 +160,7 @@ def _fourier_l1(x: np.ndarray) -> float:
     return float(edge / np.sqrt(n) + np.sqrt(2 / n) * (np.abs(middle.real).sum() + np.abs(middle.imag).sum()))
 
 
+GPTQ_FLOAT32_FROM = 1 << 20  # matrices of this many entries are rounded with GPTQ in float32 (3x faster)
 GRAM_FROM = 384  # matrices whose both sides are at least this long, or that hold
 GRAM_ENTRIES = 1 << 17  # this many entries (a tall table): SVD from the Gram matrix
 
@@ -320,10 +321,11 @@ def to_fourier(x: np.ndarray, f: int) -> np.ndarray:
 
 def round_rows(t: Target, x: np.ndarray, js) -> np.ndarray:
     """Integer codes of matrix x (t's matrix or its factor B) on every bin in js: (len(js), m, n);
-    rounded to nearest, or with error feedback in the H-norm where t.h is known."""
+    rounded to nearest, or with error feedback in the H-norm where t.h is known (in float32
+    arithmetic on a matrix of GPTQ_FLOAT32_FROM entries or more: see gptq_codes)."""
     if t.h is None:
         return np.stack([quantize(x, j) for j in js])
-    return gptq_codes(x, js, t.whitened()[3])
+    return gptq_codes(x, js, t.whitened()[3], dtype=np.float32 if x.size >= GPTQ_FLOAT32_FROM else np.float64)
 
 
 def dense_codes(t: Target, j: int, fourier: int = 0) -> np.ndarray:
@@ -354,14 +356,14 @@ def dense_entry(t: Target, j: int, fourier: int = 0) -> Entry:
     )
 
 
-def factors(t: Target, k: int) -> tuple[np.ndarray, np.ndarray]:
+def factors(t: Target, k: int, comps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Balanced rank-k factors A = U_k S_k^1/2 (m x k), B = S_k^1/2 V_k^T (k x n) of W, or of
-    W R where t.h is known (then B = S_k^1/2 V_k^T R^-1, with R R^T = H: see Target.whitened)."""
-    if t.h is None:
-        u, s, vt = t.svd()
-        return u[:, :k] * np.sqrt(s[:k]), np.sqrt(s[:k])[:, None] * vt[:k]
-    u, s, vt, inv_root = t.whitened()
-    return u[:, :k] * np.sqrt(s[:k]), (np.sqrt(s[:k])[:, None] * vt[:k]) @ inv_root
+    W R where t.h is known (then B = S_k^1/2 V_k^T R^-1, with R R^T = H: see Target.whitened).
+    comps: only these components' columns of A and rows of B (default: the first k)."""
+    comps = slice(k) if comps is None else comps
+    u, s, vt, *inv_root = t.svd() if t.h is None else t.whitened()
+    a, b = u[:, comps] * np.sqrt(s[comps]), np.sqrt(s[comps])[:, None] * vt[comps]
+    return (a, b @ inv_root[0]) if inv_root else (a, b)
 
 
 def factor_codes(t: Target, a: np.ndarray, b: np.ndarray, ja: int, jb: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import bz2
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +38,7 @@ class Result:
     payload: bytes = field(repr=False)
     codec: str  # the codec of the shortest payload
     codec_bits: dict[str, int]  # every codec's payload size, bits
-    naive_bits: int  # bzip2 of the raw float32 weights, per tensor (the paper's baseline)
+    naive: NaiveSize = field(repr=False, compare=False)  # the paper's baseline size: see naive_bits
     base_loss: float  # loss of the original model, nats
     coarse_loss: float  # loss of decode(payload), nats; <= base_loss + eps
     choices: list[dict]  # per tensor: name, kind, rank, bins, rows (see choices_of)
@@ -56,13 +56,37 @@ class Result:
         return (self.seconds - self.loss_seconds) / self.loss_seconds if self.loss_seconds > 0 else math.inf
 
     @property
+    def naive_bits(self) -> int:
+        """bzip2 of the raw float32 weights, per tensor (the paper's baseline), computed on first use."""
+        return self.naive.bits
+
+    @property
     def ratio(self) -> float:
         return self.naive_bits / self.bits
 
 
 def naive_bits(model: torch.nn.Module) -> int:
     """bzip2 of each parameter's raw float32 bytes, summed (the paper's 'naive' size), in bits."""
-    return 8 * sum(len(bz2.compress(p.detach().float().cpu().numpy().tobytes())) for p in model.parameters())
+    return NaiveSize(model).bits
+
+
+class NaiveSize:
+    """naive_bits of a model as its parameters are now (their float32 bytes are copied), computed
+    on first use and then kept. bzip2 takes about 0.4 s a million parameters, about as long as
+    a search on them: an estimate leaves it to whoever reads it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._raw: list[bytes] | None = [p.detach().float().cpu().numpy().tobytes() for p in model.parameters()]
+        self._bits: int | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def bits(self) -> int:
+        with self._lock:  # one computation, whichever Result of an estimate reads it first
+            if self._bits is None:
+                self._bits = 8 * sum(len(bz2.compress(raw)) for raw in self._raw)
+                self._raw = None
+        return self._bits
 
 
 def choices_of(entries: list[Entry]) -> list[dict]:
@@ -202,6 +226,7 @@ def estimate(
     eps = check_eps(eps, accuracy=accuracy_fn is not None)
     accept, floor = accuracy_floor(model, accuracy_fn, accuracy_drop)
     start = time.perf_counter()
+    naive = NaiveSize(model)
     oracle = LossOracle(model, loss_fn, accept)
     base = base_loss(oracle)
     check_repeatable(oracle, base)
@@ -209,13 +234,10 @@ def estimate(
     oracle.restore()  # the moments are read off the original weights
     aware, norms = aware_targets(oracle, data_aware, rows)
     # numpy's BLAS on one thread (search.all_options raises it for a large model's factorizations);
-    # torch keeps its own. The naive size (bzip2 of every parameter, GIL released) is computed
-    # beside the search.
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(1) as aside:
-        naive_future = aside.submit(naive_bits, model)
+    # torch keeps its own
+    with threadpool_limits(1, user_api="blas"):
         search = Search(aware, oracle, base, lowrank=lowrank, seed=seed)
         verified = verified_payloads(search, eps, polish)
-        naive = naive_future.result()
     seconds = time.perf_counter() - start
     results = []
     for e in eps:

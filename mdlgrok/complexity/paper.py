@@ -104,7 +104,7 @@ def paper_estimate(
     """The paper's procedure: one Bayesian-optimization search per eps; Results like `estimate`'s,
     whose payloads `decode_paper` reads. constraint_fn(module) -> loss on one minibatch
     reproduces the paper's last-minibatch check (the reported coarse loss is still loss_fn's)."""
-    from mdlgrok.complexity.estimate import Result, base_loss, check_eps, check_repeatable, naive_bits
+    from mdlgrok.complexity.estimate import NaiveSize, Result, base_loss, check_eps, check_repeatable
 
     eps = check_eps(eps)
     oracle = LossOracle(model, loss_fn)
@@ -114,7 +114,7 @@ def paper_estimate(
     check_base = base_loss(check) if check else base
     targets = targets_of(oracle.original)
     shapes = {t.name: t.shape for t in targets}
-    naive = naive_bits(model)
+    naive = NaiveSize(model)
     results = []
     for e in eps:
         t0, calls0, inside0 = time.perf_counter(), oracle.calls, oracle.seconds

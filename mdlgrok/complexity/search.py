@@ -50,7 +50,7 @@ from mdlgrok.complexity.coarse import (
     to_fourier,
     zero_entry,
 )
-from mdlgrok.complexity.codecs import empirical_bits
+from mdlgrok.complexity.codecs import counts_bits, empirical_bits
 from mdlgrok.complexity.payload import BIN_STEPS, Entry, add_block, bin_width, entry_tensor, matrix_shape
 
 MODEL_BITS = 48  # rough cost of one array's entropy model, for ranking options only
@@ -59,6 +59,7 @@ EXACT_STRIDE = 8  # GPTQ's bits and errors computed every 8 grid steps (a factor
 LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2 bits a weight,
 ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
 PARALLEL_FROM = 1 << 17  # options built in threads where a tensor holds this many entries
+FACTOR_ROWS = 64  # factor statistics from the first 64 components, then from about 64 more, evenly spaced
 SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more)
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
 HIGH_RATE_BITS = 5.0  # bins finer than where rounding to nearest spends 5 bits a weight follow the high-rate law
@@ -229,7 +230,7 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
     if sample and _sampled(x):
         return _sampled_stats(t, x, js, bits_of)
     entries = x.size if entries is None else entries
-    return _beyond_high_rate(x, js, entries, lambda part: _computed_stats(t, x, part, bits_of))
+    return _beyond_high_rate(x, js, entries, lambda part: _computed_stats(t, x, part, bits_of, entries))
 
 
 def _beyond_high_rate(x: np.ndarray, js: list[int], entries, compute) -> list[tuple]:
@@ -259,13 +260,13 @@ def _finer(stat: tuple, steps: int, entries) -> tuple:
     return bits + np.multiply(entries, steps / BIN_STEPS), err * 2.0 ** (-2 * steps / BIN_STEPS), nonzero
 
 
-def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tuple]:
+def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of, entries) -> list[tuple]:
     if t.h is not None and x.size < ESTIMATE_FROM:
         return _gptq_stats(t, x, js, bits_of)
     near = [_nearest_stats(t, x, j, bits_of) for j in js]
     if t.h is None or not js:
         return near
-    low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * x.size]
+    low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * np.max(entries)]
     exact_at = sorted({*range(0, len(js), max(EXACT_STRIDE // BIN_STRIDE, 1)), len(js) - 1, *low_rate})
     exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
     ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
@@ -341,59 +342,79 @@ def _lowrank_options(t: Target) -> list[Option]:
 
     The rank-k factors are the first k columns of A and rows of B, so each bin is quantized
     once at the largest rank and every smaller rank reads its error and code histogram off
-    cumulative sums over components."""
+    sums over components. Beyond the first FACTOR_ROWS components, those of a regular sample
+    stand for the rest (_components)."""
     ranks = [r for r in RANKS if r <= t.max_lowrank()]
     if not ranks:
         return []
     s = t.svd()[1] if t.h is None else t.whitened()[1]
     big = ranks[-1]
-    a, b = factors(t, big)
     tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])  # tail[k] = sum_{i>=k} s_i^2
     idx = np.array(ranks) - 1
+    comps, cover = _components(big)
+    a, b = factors(t, big, comps)
+    weight = np.clip(idx[:, None] + 1 - comps[None, :], 0, cover[None, :]).astype(np.float64)
     fa = {f: to_fourier(a, f) for f in _fouriers(t)}  # A's rows in either basis (orthonormal: same error)
     js = list(_bin_range(max(*(float(np.abs(x).max()) for x in fa.values()), float(np.abs(b).max()))))
-    b_stats = _bin_stats(t, b, js, lambda q: _prefix_bits(q, idx), entries=(idx + 1) * b.shape[1])
-    a_stats = {f: _factor_stats(af, js, idx) for f, af in fa.items()}
+    # B's rows are rounded independently (also by GPTQ), so the sampled ones' codes are their own
+    b_stats = _bin_stats(t, b, js, lambda q: _prefix_bits(q, weight), entries=(idx + 1) * b.shape[1])
+    a_stats = {f: _factor_stats(af, js, weight) for f, af in fa.items()}
     out = []
     for i, (j, (b_bits, db2, _)) in enumerate(zip(js, b_stats)):
         for f in fa:
             a_bits, da2, _ = a_stats[f][i]
             # |W - A'B'|^2 ~ truncation + sum_i s_i (|dA_i|^2 + |dB_i|^2): the parts are orthogonal
             # (in the H-norm, |dB_i|^2_H, where t.h is known: W H^(1/2) is what was factored)
-            err = tail[idx + 1] + np.cumsum(s[:big] * (da2 + db2))[idx]
+            err = tail[idx + 1] + np.cumsum(s[:big] * np.repeat(da2 + db2, cover))[idx]
             bits = a_bits + b_bits + 2 * MODEL_BITS
             out += [Option("lowrank", float(bi), float(e), j=j, k=k, fourier=f) for k, bi, e in zip(ranks, bits, err)]
     return out
 
 
-def _factor_stats(a: np.ndarray, js: list[int], idx: np.ndarray) -> list[tuple]:
-    """For every bin in js: the bits of A's first k + 1 columns for every k in idx, each column's
-    squared error and True, rounded to nearest (finer than the high-rate cut: by its law). A large
-    A's are those of a seeded sample of its rows (rounded independently), times rows / sampled."""
+def _components(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the components whose factor statistics are computed, how many components each stands
+    for) of factors of n components: all of them up to 2 FACTOR_ROWS; else the first
+    FACTOR_ROWS, then every stride-th (about FACTOR_ROWS more), each standing for itself and
+    those up to the next. The first are the strongest, and alone in the lowest ranks."""
+    if n <= 2 * FACTOR_ROWS:
+        return np.arange(n), np.ones(n, np.int64)
+    stride = -(-(n - FACTOR_ROWS) // FACTOR_ROWS)
+    comps = np.concatenate([np.arange(FACTOR_ROWS), np.arange(FACTOR_ROWS, n, stride)])
+    return comps, np.diff(np.append(comps, n))
+
+
+def _factor_stats(a: np.ndarray, js: list[int], weight: np.ndarray) -> list[tuple]:
+    """For every bin in js: the bits of A's columns taken weight[r, i] times each (column i),
+    for every r (_prefix_bits), each column's squared error and True, rounded to nearest (finer
+    than the high-rate cut: by its law). A large A's are those of a seeded sample of its rows
+    (rounded independently), times rows / sampled."""
     if _sampled(a):
         rows = _sample_rows(a)
         factor = len(a) / len(rows)
-        return [(bits * factor, err * factor, True) for bits, err, _ in _factor_stats(a[rows], js, idx)]
+        return [(bits * factor, err * factor, True) for bits, err, _ in _factor_stats(a[rows], js, weight)]
 
     def stats(j: int) -> tuple:
         q = quantize(a, j)
-        return _prefix_bits(q.T, idx), ((q * bin_width(j) - a) ** 2).sum(0), True
+        return _prefix_bits(q.T, weight), ((q * bin_width(j) - a) ** 2).sum(0), True
 
-    return _beyond_high_rate(a, js, (idx + 1) * a.shape[0], lambda part: [stats(j) for j in part])
+    return _beyond_high_rate(a, js, weight.sum(1) * a.shape[0], lambda part: [stats(j) for j in part])
 
 
-def _prefix_bits(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Empirical-entropy bits of rows[:k + 1] (all of them together) for every k in idx."""
+def _prefix_bits(rows: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Empirical-entropy bits, for every r, of the codes of the rows taken weight[r, i] times
+    each (row i): with 0/1 weights, those of a set of rows, such as the first k + 1."""
     lo, width = int(rows.min()), int(rows.max() - rows.min()) + 1
-    if width * len(rows) > 4_000_000:  # very fine bins: one histogram per prefix
-        return np.array([empirical_bits(rows[: k + 1]) for k in idx])
+    if width * len(rows) > 4_000_000:  # very fine bins: the values that occur, one r at a time
+        _, inv = np.unique(rows, return_inverse=True)
+        inv = inv.reshape(rows.shape)
+        return np.array([counts_bits(np.bincount(inv.ravel(), np.repeat(w, rows.shape[1]))) for w in weight])
     offsets = (np.arange(len(rows)) * width)[:, None]
     hist = np.bincount((rows - lo + offsets).ravel(), minlength=len(rows) * width).reshape(len(rows), width)
-    counts = np.cumsum(hist, axis=0)[idx].astype(np.float64)
+    counts = weight @ hist
     n = counts.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         clog = np.where(counts > 0, counts * np.log2(counts), 0.0)
-    return n * np.log2(n) - clog.sum(1)
+        return np.where(n > 0, n * np.log2(np.where(n > 0, n, 1.0)), 0.0) - clog.sum(1)
 
 
 def lower_hull(options: list[Option]) -> list[Option]:
