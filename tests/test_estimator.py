@@ -822,12 +822,34 @@ def test_best_calibrates_again_after_a_polish_that_changed_the_configuration(mon
     search = S.Search(targets_of(oracle.original), oracle, oracle({}))
     calibrated, polished = [], iter([(1,), (1,)])  # the first polish coarsens, the second does not
     monkeypatch.setattr(search, "starts", lambda eps: [((0,), (0,))])
-    monkeypatch.setattr(search, "_calibrate", lambda config, shift: calibrated.append(config) or (len(calibrated),))
+    monkeypatch.setattr(
+        search, "_calibrate", lambda config, shift, share: calibrated.append((config, share)) or (len(calibrated),)
+    )
     monkeypatch.setattr(search, "_polish", lambda config, eps, shift: next(polished))
     assert search.best(1.0) == ((1,), (2,))
-    assert calibrated == [(0,), (1,)]  # the polished configuration got its own calibration
+    # the polished configuration got its own calibration, of the tensors holding CALIB_MIN_SHARE of the bits
+    assert calibrated == [((0,), 0.0), ((1,), S.CALIB_MIN_SHARE)]
     calibrated.clear()
     assert search.best(1.0, polish=False) == ((0,), (0,)) and not calibrated
+
+
+def test_calibration_with_a_share_skips_the_tensors_holding_less_of_the_bits(monkeypatch):
+    from mdlgrok.complexity import search as S
+    from mdlgrok.complexity.coarse import targets_of
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 4)
+    model = nn.Linear(4, 4)
+    oracle = LossOracle(model, ce_closure(x, x.argmax(1)))
+    search = S.Search(targets_of(oracle.original), oracle, oracle({}))
+    search.hulls = [[S.Option("dense", 1000.0, 0.0, j=-8)], [S.Option("dense", 5.0, 0.0, j=-8)]]  # weight, bias
+    lined = []
+    monkeypatch.setattr(search, "_line", lambda config, shift, best, i: lined.append(i) or (shift, best))
+    search._calibrate((0, 0), (0, 0))
+    assert lined == [0, 1]  # every coded tensor, the largest first
+    lined.clear()
+    search._calibrate((0, 0), (0, 0), 0.01)
+    assert lined == [0]  # the bias holds 5 of 1,005 bits, under 1%
 
 
 def one_hull_search(points: int):

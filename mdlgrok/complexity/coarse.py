@@ -266,7 +266,8 @@ def paper_rank(s: np.ndarray, tau: float) -> int:
 
 def quantize(x: np.ndarray, j: int) -> np.ndarray:
     """Integer codes of x on the grid of bin 2^(j/BIN_STEPS) (round half to even)."""
-    return np.rint(x / bin_width(j)).astype(np.int64)
+    scaled = np.divide(x, bin_width(j))
+    return np.rint(scaled, out=scaled).astype(np.int64)  # rounded in place: one array less to allocate
 
 
 def bin_index(delta: float) -> int:

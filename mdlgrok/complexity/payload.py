@@ -152,7 +152,8 @@ def _coded_tensor(e: Entry, shape: tuple[int, ...]) -> torch.Tensor:
     if e.kind == "zero":
         return torch.zeros(e.shape, dtype=e.dtype)
     if e.kind == "dense":
-        values = e.codes[0].astype(np.float64).reshape(matrix_shape(e.coded_shape)) * bin_width(e.bins[0])
+        values = e.codes[0].astype(np.float64).reshape(matrix_shape(e.coded_shape))
+        values *= bin_width(e.bins[0])  # in place: the same products, one array less
         return torch.from_numpy(from_fourier(values, e.fourier).reshape(shape)).to(e.dtype)
     if e.kind == "lowrank":
         (m, n), k = e.matrix, e.rank

@@ -70,6 +70,7 @@ POLISH_PASSES = 1
 ROUNDS = 2  # rounds of calibration and polish
 MULTI_START_EPS = 2.0  # nats: from here up, the cheapest starts of several paths are refined
 MULTI_STARTS = 2
+CALIB_MIN_SHARE = 0.01  # the second round calibrates only tensors holding at least 1% of the bits
 POLISH_MIN_SHARE = 0.01  # polish tensors holding at least 1% of the bits
 ENTRY_CODES = 1 << 22  # rounded entries kept per tensor (the last used): about this many codes, two at least
 RANKS = (
@@ -633,22 +634,27 @@ class Search:
     def _refined(self, choice: Choice, eps: float) -> Choice:
         """Calibration and polish, repeated while the polish changes the configuration."""
         config, shift = choice
-        for _ in range(ROUNDS):
-            shift = self._calibrate(config, shift)
+        for round_ in range(ROUNDS):
+            shift = self._calibrate(config, shift, CALIB_MIN_SHARE if round_ else 0.0)
             polished = self._polish(config, eps, shift)
             if polished == config:
                 break
             config = polished
         return config, shift
 
-    def _calibrate(self, config: tuple[int, ...], shift: tuple[int, ...]) -> tuple[int, ...]:
+    def _calibrate(self, config: tuple[int, ...], shift: tuple[int, ...], min_share: float = 0.0) -> tuple[int, ...]:
         """Shifts of the decoded bins (the same codes, scaled by 2^(d/8): no bits) that lower the
         loss, one tensor at a time, largest first, two or three loss calls each (_line).
         Coarse-graining upsets the scale of what a LayerNorm passes on and the confidence of the
         logits; a scale can give some of it back."""
         shift, best = list(shift), self.loss(config, shift)
+        floor = min_share * self.bits(config)
         order = sorted(
-            (i for i in range(len(config)) if self.hulls[i][config[i]].kind != "zero"),
+            (
+                i
+                for i in range(len(config))
+                if self.hulls[i][config[i]].kind != "zero" and self.hulls[i][config[i]].bits >= floor
+            ),
             key=lambda i: -self.hulls[i][config[i]].bits,
         )
         for i in order:
