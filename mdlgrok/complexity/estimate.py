@@ -72,8 +72,8 @@ def naive_bits(model: torch.nn.Module) -> int:
 
 class NaiveSize:
     """naive_bits of a model as its parameters are now (their float32 bytes are copied), computed
-    on first use and then kept. bzip2 takes about 0.4 s a million parameters, about as long as
-    a search on them: an estimate leaves it to whoever reads it."""
+    on first use and then kept. bzip2 of a large model takes about as long as a search on it,
+    and the search does not need it: an estimate leaves it to whoever reads it."""
 
     def __init__(self, model: torch.nn.Module):
         self._raw: list[bytes] | None = [p.detach().float().cpu().numpy().tobytes() for p in model.parameters()]
