@@ -4,6 +4,7 @@ mdlgrok's own decoder, into weights whose loss (the caller's closure) meets the 
 import bz2
 import copy
 import math
+import pickle
 import sys
 
 import numpy as np
@@ -271,6 +272,8 @@ def test_naive_size_is_of_the_weights_at_estimate_time_and_computed_once(monkeyp
     monkeypatch.setattr(bz2, "compress", lambda data: calls.append(1) or real(data))
     assert [r.naive_bits for r in results] == [before, before]
     assert len(calls) == len(list(model.parameters()))  # bzip2 ran once for both results
+    again = pickle.loads(pickle.dumps(results[0]))  # e.g. a Result sent back from a worker process
+    assert again.naive_bits == before and again.payload == results[0].payload
 
 
 # ---------------------------------------------------------------- generic modules

@@ -80,6 +80,12 @@ class NaiveSize:
         self._bits: int | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # a pickled Result (e.g. sent back from a worker) carries the size
+        return {"bits": self.bits}
+
+    def __setstate__(self, state: dict) -> None:
+        self._raw, self._bits, self._lock = None, state["bits"], threading.Lock()
+
     @property
     def bits(self) -> int:
         with self._lock:  # one computation, whichever Result of an estimate reads it first
