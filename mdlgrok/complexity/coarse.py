@@ -117,8 +117,8 @@ class Target:
     def fourier(self) -> int:
         """How many leading rows to code as Fourier coefficients (0: none): the length, among
         the last FOURIER_TRIM + 1, whose coefficients have the smallest l1 norm, where that
-        norm (a proxy for the bits of their codes) is at most FOURIER_GAIN of the rows' own and
-        of a Gaussian matrix's of the same energy. Computed once."""
+        norm (a proxy for the bits of their codes) is at most FOURIER_GAIN of the rows' own.
+        Computed once."""
         with self._lock:
             if self._fourier is None:
                 self._fourier = self._best_fourier()
@@ -132,11 +132,7 @@ class Target:
         if m * n > FOURIER_SAMPLE:  # a large table: the l1 norms of a seeded sample of its columns
             keep = max(-(-FOURIER_SAMPLE // m), 1)
             w = w[:, seeded_sample(n, keep)]
-        # an orthonormal map of many entries tends to Gaussian ones, whose l1 norm is this: the
-        # Fourier rows must beat it too (a flat matrix, such as a uniform initialization, has a
-        # smaller l1 norm than any mixing of it but not fewer bits)
-        mixed = np.sqrt(2 / np.pi * w.size * (w**2).sum())
-        plain = min(float(np.abs(w).sum()), mixed)
+        plain = np.abs(w).sum()
         l1 = {f: _fourier_l1(w[:f]) + np.abs(w[f:]).sum() for f in range(m, max(m - FOURIER_TRIM, 2) - 1, -1)}
         best = min(l1, key=l1.get)
         return best if l1[best] <= FOURIER_GAIN * plain else 0
