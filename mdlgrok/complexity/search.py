@@ -644,19 +644,15 @@ class Search:
 
     def _calibrate(self, config: tuple[int, ...], shift: tuple[int, ...], min_share: float = 0.0) -> tuple[int, ...]:
         """Shifts of the decoded bins (the same codes, scaled by 2^(d/8): no bits) that lower the
-        loss, one tensor at a time, largest first, two or three loss calls each (_line).
+        loss, one coded tensor at a time, largest first, two or three loss calls each (_line);
+        only those holding at least min_share of the bits.
         Coarse-graining upsets the scale of what a LayerNorm passes on and the confidence of the
         logits; a scale can give some of it back."""
         shift, best = list(shift), self.loss(config, shift)
+        options = [hull[h] for hull, h in zip(self.hulls, config)]
         floor = min_share * self.bits(config)
-        order = sorted(
-            (
-                i
-                for i in range(len(config))
-                if self.hulls[i][config[i]].kind != "zero" and self.hulls[i][config[i]].bits >= floor
-            ),
-            key=lambda i: -self.hulls[i][config[i]].bits,
-        )
+        coded = [i for i, o in enumerate(options) if o.kind != "zero" and o.bits >= floor]
+        order = sorted(coded, key=lambda i: -options[i].bits)
         for i in order:
             shift, best = self._line(config, shift, best, i)
         return tuple(shift)
