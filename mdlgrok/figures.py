@@ -83,12 +83,19 @@ def draw_experiment(folder: Path) -> list[Path]:
     out += plots.settings_summary(summary, folder / "summary")
     for size in SIZES:  # an experiment over data sizes: everything against the size
         if size in table and table.groupby("task")[size].nunique().max() > 1:  # varies within a task
-            others = [c for c in ("preset", "task") if c in summary and summary[c].nunique() > 1]
-            out += plots.against_size(summary, size, folder / f"against_{size}", hue=others[0] if others else None)
+            hue, style = size_roles(summary)
+            out += plots.against_size(summary, size, folder / f"against_{size}", hue=hue, style=style)
     return out
 
 
 SIZES = ("frac", "subset")  # numeric settings that figures draw results against
+
+
+def size_roles(summary: pd.DataFrame) -> tuple[str | None, str | None]:
+    """Hue and line style of the figures against a size: the preset and the task, in that order,
+    where each varies across the summary's runs."""
+    varying = [c for c in ("preset", "task") if c in summary and summary[c].nunique() > 1]
+    return tuple(varying + [None] * (2 - len(varying)))
 
 
 def draw_measures(table: pd.DataFrame, folder: Path, eps: float) -> list[Path]:

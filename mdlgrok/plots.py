@@ -122,10 +122,12 @@ def measures_against_epoch(long: pd.DataFrame, path: str | Path, title: str = ""
     return save(fig, path)
 
 
-def against_size(summary: pd.DataFrame, x: str, path: str | Path, hue: str | None = None) -> list[Path]:
+def against_size(
+    summary: pd.DataFrame, x: str, path: str | Path, hue: str | None = None, style: str | None = None
+) -> list[Path]:
     """Per run against a numeric setting x (train fraction, subset size D'): final test accuracy,
     grokking epoch (runs that never reach it drawn as crosses at their last epoch), peak and
-    final complexity (analysis.run_summary)."""
+    final complexity (analysis.run_summary); a second compared column (the task) as line style."""
     sns.set_theme(style="whitegrid", context="paper")
     panels = [
         ("final_test_acc", "final test accuracy"),
@@ -135,7 +137,7 @@ def against_size(summary: pd.DataFrame, x: str, path: str | Path, hue: str | Non
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for i, (ax, (col, label)) in enumerate(zip(axes, panels)):
-        sns.lineplot(summary, x=x, y=col, hue=hue, marker="o", errorbar=None, legend=i == 0, ax=ax)
+        sns.lineplot(summary, x=x, y=col, hue=hue, style=style, marker="o", errorbar=None, legend=i == 0, ax=ax)
         if col == "grokking_epoch":
             never = summary[summary.grokking_epoch.isna()]
             if len(never):

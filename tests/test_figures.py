@@ -197,3 +197,13 @@ def test_a_figure_title_says_how_many_seeds_and_which_estimators_made_it(results
         ]
     )
     assert _provenance(two) == f" (2 seeds, estimator v{version}, v{later})"
+
+
+def test_size_figures_tell_presets_by_hue_and_tasks_by_style():
+    from mdlgrok.figures import size_roles
+
+    both = pd.DataFrame({"preset": ["ours", "wd", "ours", "wd"], "task": ["add", "add", "mul", "mul"]})
+    assert size_roles(both) == ("preset", "task")
+    assert size_roles(both[both.task == "add"]) == ("preset", None)
+    assert size_roles(both[both.preset == "wd"]) == ("task", None)
+    assert size_roles(both.iloc[:1]) == (None, None)

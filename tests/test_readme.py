@@ -62,19 +62,20 @@ def test_paper_length_tables_match_the_committed_paper_numbers():
             assert _number(acc) == round(run.final_test_acc, 3)
 
 
-def _setting_rows(text: str, experiment: str) -> list[list[str]]:
-    """The rows of the per-setting table under results/README.md's `## <experiment>` heading."""
+def _setting_rows(text: str, experiment: str) -> list[dict[str, str]]:
+    """The rows of the per-setting table under results/README.md's `## <experiment>` heading,
+    each keyed by its column's heading."""
     section = re.search(rf"^## {experiment}\b.*?(?=^## |\Z)", text, re.M | re.S).group(0)
-    return [
-        [c.strip() for c in line.strip("|").split("|")]
-        for line in section.splitlines()
-        if line.startswith("| ") and not line.startswith("| setting") and not line.startswith("|---")
-    ]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    header = next(i for i, line in enumerate(lines) if "| setting |" in f"{line} ")
+    keys = [c.strip() for c in lines[header].strip("|").split("|")]
+    return [dict(zip(keys, (c.strip() for c in line.strip("|").split("|")))) for line in lines[header + 1 :]]
 
 
 def test_phenomena_tables_match_the_committed_summaries():
-    """setting | seeds | grokking epoch | peak B (epoch) | final B | peak / final | final test acc:
-    means over the seeds of each setting in results/<experiment>/summary.csv."""
+    """[task |] setting | seeds | grokking epoch | peak B (epoch) | final B | peak / final | final
+    test acc: means over the seeds of each setting (of each task, where the table has a task
+    column) in results/<experiment>/summary.csv."""
     text = (ROOT / "results" / "README.md").read_text()
     checked = 0
     for experiment in ("grokfast", "ungrokking", "digits", "datasize"):
@@ -83,19 +84,22 @@ def test_phenomena_tables_match_the_committed_summaries():
             continue
         summary = pd.read_csv(path)
         rows = _setting_rows(text, experiment)
-        assert len(rows) == summary.setting.nunique() > 0, experiment
-        for setting, seeds, grok, peak, final, ratio, acc in rows:
-            runs = summary[summary.setting == setting]
-            assert seeds == ", ".join(str(s) for s in sorted(runs.seed)), (experiment, setting)
+        by = ["task", "setting"] if "task" in rows[0] else ["setting"]
+        assert len(rows) == len(summary.groupby(by)) > 0, experiment
+        for row in rows:
+            runs = summary[(summary[by].astype(str) == pd.Series({c: row[c] for c in by})).all(axis=1)]
+            where = (experiment, *(row[c] for c in by))
+            assert row["seeds"] == ", ".join(str(s) for s in sorted(runs.seed)), where
+            grok = row["grokking epoch"]
             if grok.startswith("never"):
-                assert runs.grokking_epoch.isna().all(), (experiment, setting)
+                assert runs.grokking_epoch.isna().all(), where
             else:
-                assert _number(grok) == round(runs.grokking_epoch.mean()), (experiment, setting)
-            peak_bytes, peak_epoch = re.fullmatch(r"([\d,]+) \(([\d,]+)\)", peak).groups()
-            assert _number(peak_bytes) == round(runs.peak_bytes.mean()), (experiment, setting)
-            assert _number(peak_epoch) == round(runs.peak_epoch.mean()), (experiment, setting)
-            assert _number(final) == round(runs.final_bytes.mean()), (experiment, setting)
-            assert _number(ratio) == round(runs.peak_over_final.mean(), 1), (experiment, setting)
-            assert _number(acc) == round(runs.final_test_acc.mean(), 3), (experiment, setting)
+                assert _number(grok) == round(runs.grokking_epoch.mean()), where
+            peak_bytes, peak_epoch = re.fullmatch(r"([\d,]+) \(([\d,]+)\)", row["peak B (epoch)"]).groups()
+            assert _number(peak_bytes) == round(runs.peak_bytes.mean()), where
+            assert _number(peak_epoch) == round(runs.peak_epoch.mean()), where
+            assert _number(row["final B"]) == round(runs.final_bytes.mean()), where
+            assert _number(row["peak / final"]) == round(runs.peak_over_final.mean(), 1), where
+            assert _number(row["final test acc"]) == round(runs.final_test_acc.mean(), 3), where
             checked += 1
     assert checked >= 4

@@ -355,6 +355,28 @@ def test_measured_sweep_gathers_complexity_rows(tmp_path, capsys):
     assert set(unknown[unknown.estimator == ""].estimator_version) == {""}
 
 
+def test_sweep_measures_a_complete_run_whose_measuring_stopped(tmp_path, capsys):
+    """A run trained to the end whose measuring was stopped part-way (rows for some checkpoints,
+    none for others) is measured by the next sweep, without training again."""
+    exp = tiny(epochs=2, grid={"seed": [0]}, measure={"eps": [1]})
+    table = run_sweep(exp, tmp_path, progress=False)
+    run = RunDir(tmp_path / "tiny" / table.run_id.iloc[0])
+    full = run.read_measures()
+    last = full.epoch.max()
+    full[full.epoch != last].to_parquet(run.measures, index=False)  # the last checkpoint unmeasured
+    capsys.readouterr()
+    again = run_sweep(exp, tmp_path)
+    err = capsys.readouterr().err
+    assert "1 complete run with checkpoints never measured: measuring" in err and "complete at epoch" not in err
+    assert outcome_states(again) == ["skipped"]
+    assert not missing_checkpoints(run, MeasureConfig(eps=[1]))
+    untimed = [sorted_table(t[t.metric != "estimator_seconds"]) for t in (again, table)]  # wall times differ
+    pd.testing.assert_frame_equal(*untimed)
+    capsys.readouterr()
+    run_sweep(exp, tmp_path)  # nothing left to measure
+    assert "never measured" not in capsys.readouterr().err
+
+
 def older_key(key: str, cfg, eps: tuple, measure: bool = True) -> str:
     """The key an older version gave this config: its hash covered the training fields of its
     time plus the measure settings `measure` and `eps`."""

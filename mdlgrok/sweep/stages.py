@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from mdlgrok.config import MeasureConfig, TrainConfig
-from mdlgrok.runs import RunDir
+from mdlgrok.runs import RunDir, checkpoint_epoch
 from mdlgrok.sweep.executors import SlurmOptions, check_executor, execute, resolve_device, use_stacks
 from mdlgrok.sweep.gather import gather
 from mdlgrok.sweep.plan import PlannedRun, plan, share_runs, stack_groups
@@ -166,17 +166,23 @@ def run_sweep(
             for g in stacks
         ]
         outcomes += _run(train_stack, tasks, f"mdlgrok-{exp.name}", say, **run)
-        trained = [r for r in todo if RunDir(r.path).read_status().get("state") == "complete"]
-        if measure is not None and trained:
-            measured = _run(
-                measure_one,
-                _measure_tasks(trained, measure, False, executor),
-                f"mdlgrok-measure-{exp.name}",
-                say,
-                **run,
-            )
+    if measure is not None:
+        trained = [r for r in todo if stacked and RunDir(r.path).read_status().get("state") == "complete"]
+        stopped = [r for r in done if r.state == "complete" and _unmeasured(r.path)]
+        if stopped:
+            say(f"  {len(stopped)} complete run{'s' * (len(stopped) > 1)} with checkpoints never measured: measuring")
+        if trained or stopped:
+            tasks = _measure_tasks(trained + stopped, measure, False, executor)
+            measured = _run(measure_one, tasks, f"mdlgrok-measure-{exp.name}", say, **run)
             outcomes += [o for o in measured if o["state"] == "error"]
     return _gather(root, exp, runs, outcomes)
+
+
+def _unmeasured(path: Path) -> bool:
+    """Whether some checkpoint of a run has no measure row at all (its measuring was stopped part-way)."""
+    run = RunDir(path)
+    measured = set(run.read_measures().epoch.astype(int))
+    return any(checkpoint_epoch(c) not in measured for c in run.checkpoints())
 
 
 def measure_sweep(
