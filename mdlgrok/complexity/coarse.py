@@ -292,25 +292,26 @@ def gptq_codes(x: np.ndarray, js, u: np.ndarray, block: int = 64, errors: bool =
     widths = np.array([bin_width(j) for j in js], dtype)
     u = u.astype(dtype, copy=False)
     n, nb, m = x.shape[1], len(widths), x.shape[0]
-    xt = np.empty((n, nb, m), dtype)  # column i is xt[i]; written once (no transposed copy)
-    np.divide(x.T[:, None, :], widths[None, :, None], out=xt, casting="same_kind")
-    codes = np.empty(xt.shape, np.int64)
-    sq = np.zeros((nb, m), dtype)
-    errs = np.empty((min(block, n), nb, m), dtype)
-    for lo in range(0, n, block):
+    xt = np.empty((n, nb * m), dtype)  # column i of every bin is row xt[i]; written once (no transposed copy)
+    np.divide(x.T[:, None, :], widths[None, :, None], out=xt.reshape(n, nb, m), casting="same_kind")
+    rounded = np.empty_like(xt)  # the codes, as floats until the end
+    ut, diag = np.ascontiguousarray(u.T), np.diagonal(u).tolist()  # u's columns as rows: contiguous slices
+    sq = np.zeros(nb * m, dtype)
+    errs = np.empty((min(block, n), nb * m), dtype)
+    for lo in range(0, n, block):  # in place, one array operation at a time: small matrices pay per call
         hi = min(lo + block, n)
         e = errs[: hi - lo]
         for i in range(lo, hi):
-            k = i - lo
-            col = xt[i] - (u[lo:i, i] @ e[:k].reshape(k, -1)).reshape(nb, m) if k else xt[i]
-            q = np.rint(col)
-            codes[i] = q
-            e[k] = (col - q) / u[i, i]
+            col, ek = xt[i], e[i - lo]
+            if i > lo:
+                col -= ut[i, lo:i] @ e[: i - lo]
+            np.subtract(col, np.rint(col, out=rounded[i]), out=ek)
+            ek /= diag[i]
         if hi < n:
-            xt[hi:] -= (u[lo:hi, hi:].T @ e.reshape(hi - lo, -1)).reshape(n - hi, nb, m)
+            xt[hi:] -= u[lo:hi, hi:].T @ e
         sq += (e**2).sum(0)
-    codes = codes.transpose(1, 2, 0)
-    return (codes, sq * widths[:, None] ** 2) if errors else codes
+    codes = rounded.astype(np.int64).reshape(n, nb, m).transpose(1, 2, 0)
+    return (codes, sq.reshape(nb, m) * widths[:, None] ** 2) if errors else codes
 
 
 def to_fourier(x: np.ndarray, f: int) -> np.ndarray:
