@@ -101,6 +101,34 @@ def test_a_row_sample_estimates_the_statistics_of_the_whole_matrix(monkeypatch):
         assert err.sum() == pytest.approx(e.sum(), rel=0.25)
 
 
+def test_gptqs_ratios_from_a_subset_of_the_sample_estimate_the_whole_matrix(monkeypatch):
+    """GPTQ rounds an even half of the sample (its bits scaled up, its errors as a ratio to
+    rounding to nearest): the statistics stay close to GPTQ's on the whole matrix."""
+    monkeypatch.setattr(search, "ESTIMATE_FROM", 0)
+    monkeypatch.setattr(search, "SAMPLE_ROWS", 96)  # of 192 rows
+    monkeypatch.setattr(search, "GPTQ_RATIO_ENTRIES", 48 * 64)  # 48 of the 96
+    monkeypatch.setattr(search, "HIGH_RATE_BITS", np.inf)
+    t = correlated_target(192, 64, seed=5)
+    js = bins_of(t)
+    rounded = []
+    monkeypatch.setattr(
+        search, "_gptq_stats", lambda t_, x, *a, _f=search._gptq_stats: rounded.append(len(x)) or _f(t_, x, *a)
+    )
+    got = search._bin_stats(t, t.w.reshape(192, 64), js, empirical_bits, sample=True)
+    assert set(rounded) == {48}
+    for (bits, err, _), (b, e, _) in zip(got, exact_stats(t, js)):
+        if b > 2 * t.w.size:
+            assert bits == pytest.approx(b, rel=0.05)
+        assert err.sum() == pytest.approx(e.sum(), rel=0.25)
+
+
+def test_ratio_rows_are_evenly_spaced_and_hold_enough_entries(monkeypatch):
+    monkeypatch.setattr(search, "GPTQ_RATIO_ENTRIES", 1000)
+    rows = search._ratio_rows(np.zeros((256, 100)))
+    assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 255 and len(set(np.diff(rows))) <= 2
+    assert search._ratio_rows(np.zeros((8, 100))) is None  # fewer rows than needed: all of them
+
+
 def test_a_matrix_of_fewer_rows_than_the_sample_is_rounded_whole(monkeypatch):
     monkeypatch.setattr(search, "ESTIMATE_FROM", 0)
     t = correlated_target(12, 64, seed=7)  # fewer rows than SAMPLE_ROWS

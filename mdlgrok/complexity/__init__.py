@@ -16,7 +16,7 @@ from mdlgrok.complexity.search import LossError
 
 # The estimator's version, recorded in every measure row it writes. Bumped whenever the
 # search or the payload format changes what a figure can be (docs/estimator.md lists them).
-VERSION = "20"
+VERSION = "22"
 
 __all__ = [
     "PAPER_EPS",

@@ -60,7 +60,10 @@ LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2
 ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
 PARALLEL_FROM = 1 << 17  # options built in threads where a tensor holds this many entries
 FACTOR_ROWS = 64  # factor statistics from the first 64 components, then from about 64 more, evenly spaced
-SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more)
+SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more),
+GPTQ_RATIO_ENTRIES = (
+    1 << 15
+)  # GPTQ's ratios to rounding to nearest from an even subset of them holding this many entries
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
 HIGH_RATE_BITS = 5.0  # bins finer than where rounding to nearest spends 5 bits a weight follow the high-rate law
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
@@ -212,7 +215,9 @@ def _dense_options(t: Target) -> list[Option]:
     return out
 
 
-def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = False, entries=None) -> list[tuple]:
+def _bin_stats(
+    t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = False, entries=None, ratio_rows=None
+) -> list[tuple]:
     """For every bin in js: (bits_of(codes), each row's squared error, whether any code is non-zero),
     for the codes of matrix x that coarse.round_rows gives.
 
@@ -221,17 +226,17 @@ def _bin_stats(t: Target, x: np.ndarray, js: list[int], bits_of, sample: bool = 
     rate (where GPTQ's codes and those of rounding to nearest part: most codes zero); between them
     its bits and errors are estimated: those of rounding to nearest (the error in the diagonal of
     H, as for independent errors), times the ratios GPTQ / nearest at the two exact bins around,
-    interpolated in log. With
-    `sample` (bits that add over rows), a large matrix's statistics are those of a seeded sample
-    of its rows, scaled up (_sampled_stats). Bins finer than the high-rate cut (_high_rate_cut)
-    follow from the finest bin computed: each grid step finer adds 1/BIN_STEPS bit to each of the
-    `entries` (default x.size) that a bits_of count covers and scales the error by
-    2^(-2/BIN_STEPS). Only the options' ranking uses the estimates: an option's entry is always
-    rounded exactly, in float64 (coarse.round_rows)."""
+    interpolated in log. With `sample` (bits that add over rows), a large matrix's statistics are
+    those of a seeded sample of its rows, scaled up (_sampled_stats), GPTQ rounding an even subset
+    of the sample alone (`ratio_rows`, GPTQ_RATIO_ENTRIES entries: _subset_stats). Bins finer
+    than the high-rate cut (_high_rate_cut) follow from the finest bin computed: each grid step
+    finer adds 1/BIN_STEPS bit to each of the `entries` (default x.size) that a bits_of count
+    covers and scales the error by 2^(-2/BIN_STEPS). Only the options' ranking uses the
+    estimates: an option's entry is always rounded exactly (coarse.round_rows)."""
     if sample and _sampled(x):
         return _sampled_stats(t, x, js, bits_of)
     entries = x.size if entries is None else entries
-    return _beyond_high_rate(x, js, entries, lambda part: _computed_stats(t, x, part, bits_of, entries))
+    return _beyond_high_rate(x, js, entries, lambda part: _computed_stats(t, x, part, bits_of, entries, ratio_rows))
 
 
 def _beyond_high_rate(x: np.ndarray, js: list[int], entries, compute) -> list[tuple]:
@@ -261,7 +266,7 @@ def _finer(stat: tuple, steps: int, entries) -> tuple:
     return bits + np.multiply(entries, steps / BIN_STEPS), err * 2.0 ** (-2 * steps / BIN_STEPS), nonzero
 
 
-def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of, entries) -> list[tuple]:
+def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of, entries, ratio_rows=None) -> list[tuple]:
     if t.h is not None and x.size < ESTIMATE_FROM:
         return _gptq_stats(t, x, js, bits_of)
     near = [_nearest_stats(t, x, j, bits_of) for j in js]
@@ -269,8 +274,7 @@ def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of, entries) -
         return near
     low_rate = [i for i, (bits, _, _) in enumerate(near) if np.max(bits) < LOW_RATE_BITS * np.max(entries)]
     exact_at = sorted({*range(0, len(js), max(EXACT_STRIDE // BIN_STRIDE, 1)), len(js) - 1, *low_rate})
-    exact = dict(zip(exact_at, _gptq_stats(t, x, [js[i] for i in exact_at], bits_of)))
-    ratios = {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
+    exact, ratios = _exact_ratios(t, x, js, exact_at, near, bits_of, ratio_rows)
     out = []
     for i, (bits, err, nonzero) in enumerate(near):
         if i in exact:
@@ -280,6 +284,33 @@ def _computed_stats(t: Target, x: np.ndarray, js: list[int], bits_of, entries) -
         w = (i - lo) / (hi - lo)
         scale = [np.exp((1 - w) * np.log(a) + w * np.log(b)) for a, b in zip(ratios[lo], ratios[hi])]
         out.append((bits * scale[0], err * scale[1], nonzero))
+    return out
+
+
+def _exact_ratios(t: Target, x: np.ndarray, js, exact_at, near, bits_of, ratio_rows) -> tuple[dict, dict]:
+    """(GPTQ's statistics at the bins exact_at, the ratios GPTQ / nearest there). With ratio_rows,
+    GPTQ rounds those rows alone (_subset_stats)."""
+    bins = [js[i] for i in exact_at]
+    if ratio_rows is None:
+        exact = dict(zip(exact_at, _gptq_stats(t, x, bins, bits_of)))
+    else:
+        exact = dict(zip(exact_at, _subset_stats(t, x, bins, [near[i] for i in exact_at], bits_of, ratio_rows)))
+    return exact, {i: (_ratio(exact[i][0], near[i][0]), _ratio(exact[i][1], near[i][1])) for i in exact_at}
+
+
+def _subset_stats(t: Target, x: np.ndarray, bins, near, bits_of, rows) -> list[tuple]:
+    """GPTQ's statistics of all x's rows from those of some of them: each row's error that of
+    rounding to nearest times the subset's ratio GPTQ / nearest; the bits, where the subset's
+    nearest codes spend LOW_RATE_BITS a weight or more, those of x's nearest codes times the
+    subset's ratio (a small histogram undercounts the entropy of fine bins, in both alike),
+    below it the subset's own, scaled up to all rows (few codes are not zero)."""
+    sub, factor = x[rows], len(x) / len(rows)
+    out = []
+    for j, whole, g in zip(bins, near, _gptq_stats(t, sub, bins, bits_of)):
+        n_bits, n_err, _ = _nearest_stats(t, sub, j, bits_of)
+        fine = np.max(n_bits) >= LOW_RATE_BITS * sub.size
+        bits = whole[0] * _ratio(g[0], n_bits) if fine else g[0] * factor
+        out.append((bits, whole[1] * _ratio(g[1].sum(), n_err.sum()), g[2] or whole[2]))
     return out
 
 
@@ -308,8 +339,14 @@ def _sampled_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tup
     amax = float(np.abs(x).max())
     return [
         (bits * factor, err * factor, nonzero or amax > bin_width(j) / 2)
-        for j, (bits, err, nonzero) in zip(js, _bin_stats(t, x[rows], js, bits_of))
+        for j, (bits, err, nonzero) in zip(js, _bin_stats(t, x[rows], js, bits_of, ratio_rows=_ratio_rows(x[rows])))
     ]
+
+
+def _ratio_rows(x: np.ndarray) -> np.ndarray | None:
+    """Evenly spaced rows of a sample holding GPTQ_RATIO_ENTRIES entries or more (None: all of them)."""
+    k = -(-GPTQ_RATIO_ENTRIES // x.shape[1])
+    return np.linspace(0, len(x) - 1, k).round().astype(np.int64) if k < len(x) else None
 
 
 def _nearest_stats(t: Target, x: np.ndarray, j: int, bits_of) -> tuple:
