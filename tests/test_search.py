@@ -116,16 +116,23 @@ def test_gptqs_ratios_from_a_subset_of_the_sample_estimate_the_whole_matrix(monk
     )
     got = search._bin_stats(t, t.w.reshape(192, 64), js, empirical_bits, sample=True)
     assert set(rounded) == {48}
+    low = 0
     for (bits, err, _), (b, e, _) in zip(got, exact_stats(t, js)):
-        if b > 2 * t.w.size:
+        if b > 2 * t.w.size:  # from the ratio to rounding to nearest
             assert bits == pytest.approx(b, rel=0.05)
+        else:  # the subset's own bits, scaled up to all rows
+            assert bits == pytest.approx(b, rel=0.15)
+            low += 1
         assert err.sum() == pytest.approx(e.sum(), rel=0.25)
+    assert low >= 5
 
 
 def test_ratio_rows_are_evenly_spaced_and_hold_enough_entries(monkeypatch):
     monkeypatch.setattr(search, "GPTQ_RATIO_ENTRIES", 1000)
+    monkeypatch.setattr(search, "GPTQ_RATIO_ROWS", 4)
     rows = search._ratio_rows(np.zeros((256, 100)))
     assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 255 and len(set(np.diff(rows))) <= 2
+    assert len(search._ratio_rows(np.zeros((256, 1000)))) == 4  # wide: the least number of rows
     assert search._ratio_rows(np.zeros((8, 100))) is None  # fewer rows than needed: all of them
 
 

@@ -368,6 +368,7 @@ def test_sweep_measures_a_complete_run_whose_measuring_stopped(tmp_path, capsys)
     again = run_sweep(exp, tmp_path)
     err = capsys.readouterr().err
     assert "1 complete run with checkpoints never measured: measuring" in err and "complete at epoch" not in err
+    assert "measured 1 checkpoints" in err  # the missing one alone
     assert outcome_states(again) == ["skipped"]
     assert not missing_checkpoints(run, MeasureConfig(eps=[1]))
     untimed = [sorted_table(t[t.metric != "estimator_seconds"]) for t in (again, table)]  # wall times differ

@@ -60,10 +60,9 @@ LOW_RATE_BITS = 2.0  # but on every bin where rounding to nearest spends under 2
 ESTIMATE_FROM = 1 << 17  # and on all bins of a matrix of fewer entries (the paper model's are 65,536 at most)
 PARALLEL_FROM = 1 << 17  # options built in threads where a tensor holds this many entries
 FACTOR_ROWS = 64  # factor statistics from the first 64 components, then from about 64 more, evenly spaced
-SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more),
-GPTQ_RATIO_ENTRIES = (
-    1 << 15
-)  # GPTQ's ratios to rounding to nearest from an even subset of them holding this many entries
+SAMPLE_ROWS = 256  # dense options of a larger matrix: statistics from this many of its rows (or more)
+GPTQ_RATIO_ENTRIES = 1 << 15  # GPTQ rounds an even subset of those rows holding this many entries or more,
+GPTQ_RATIO_ROWS = 16  # and this many rows at least
 FINEST_BITS = 12  # finest bin: max|w| / 2^12
 HIGH_RATE_BITS = 5.0  # bins finer than where rounding to nearest spends 5 bits a weight follow the high-rate law
 PROBE_TARGET = 0.02  # aim of the sensitivity probe's loss increase, nats
@@ -334,18 +333,19 @@ def _sampled_stats(t: Target, x: np.ndarray, js: list[int], bits_of) -> list[tup
     """_bin_stats of a large matrix from a seeded sample of its rows (both roundings round rows
     independently): the sample's bits and errors times rows / sampled rows, the errors as one
     total per sampled row; whether any code is non-zero is read off the whole matrix."""
-    rows = _sample_rows(x)
-    factor = len(x) / len(rows)
+    sample = x[_sample_rows(x)]
+    factor = len(x) / len(sample)
     amax = float(np.abs(x).max())
     return [
         (bits * factor, err * factor, nonzero or amax > bin_width(j) / 2)
-        for j, (bits, err, nonzero) in zip(js, _bin_stats(t, x[rows], js, bits_of, ratio_rows=_ratio_rows(x[rows])))
+        for j, (bits, err, nonzero) in zip(js, _bin_stats(t, sample, js, bits_of, ratio_rows=_ratio_rows(sample)))
     ]
 
 
 def _ratio_rows(x: np.ndarray) -> np.ndarray | None:
-    """Evenly spaced rows of a sample holding GPTQ_RATIO_ENTRIES entries or more (None: all of them)."""
-    k = -(-GPTQ_RATIO_ENTRIES // x.shape[1])
+    """Evenly spaced rows of a sample holding GPTQ_RATIO_ENTRIES entries or more, GPTQ_RATIO_ROWS
+    rows at least (None: all of them)."""
+    k = max(-(-GPTQ_RATIO_ENTRIES // x.shape[1]), GPTQ_RATIO_ROWS)
     return np.linspace(0, len(x) - 1, k).round().astype(np.int64) if k < len(x) else None
 
 

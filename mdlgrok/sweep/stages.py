@@ -121,7 +121,8 @@ def run_sweep(
     """Run what is missing of an experiment's grid, measure what its [measure] asks, and return
     the gathered table (also written to <root>/<name>/table.parquet).
 
-    Complete runs are skipped, partial ones resume, the rest start; with `share`, a new run
+    Complete runs are not trained again (those with a checkpoint that has no measure row at all
+    are measured, as `mdlgrok measure` would), partial ones resume, the rest start; with `share`, a new run
     complete under another experiment of the same root is linked. Stacks (`stack`: auto, on,
     off): with "on", or "auto" on a GPU, runs that share architecture, data shapes and resume
     epoch train together (at most `stack_size` per stack, one task each); otherwise each run is
