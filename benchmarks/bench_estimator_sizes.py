@@ -4,12 +4,13 @@
     python benchmarks/bench_estimator_sizes.py --widths 256 512 1024 2048 --eps 4 1 0.25
 
 Models mdlgrok did not build, trained briefly on scikit-learn's digits (1,000 training
-images): ReLU MLPs 64-w-w-10 and a small CNN; a bag of embeddings on synthetic tokens (a
-2.6M-entry table that the loss reads by lookups); and the paper's transformer (add mod 113,
-untrained). Prints per model: parameters, the payload bytes at each eps, wall time of one
-estimate at all eps, loss calls, the time inside them, and the search's own time per second of
-loss calls (target: <= 1), each the median of --repeats estimates after one untimed (the first
-estimate of a process also pays for torch's and numpy's start-up).
+images): ReLU MLPs 64-w-w-10, two CNNs and an LSTM reading a digit's rows in turn; a bag of
+embeddings on synthetic tokens (a 2.6M-entry table that the loss reads by lookups); and the
+paper's transformer (add mod 113, untrained). Prints per model: parameters, the payload bytes
+at each eps, wall time of one estimate at all eps, loss calls, the time inside them, and the
+search's own time per second of loss calls (target: <= 1), each the median of --repeats
+estimates after one untimed (the first estimate of a process also pays for torch's and numpy's
+start-up).
 """
 
 from __future__ import annotations
@@ -41,18 +42,29 @@ def mlp(width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
-def cnn() -> nn.Module:
+def cnn(c1: int = 16, c2: int = 32, hidden: int = 40) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
+        nn.Conv2d(1, c1, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Conv2d(c1, c2, 3, padding=1),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 40),
+        nn.Linear(c2 * 4 * 4, hidden),
         nn.ReLU(),
-        nn.Linear(40, 10),
+        nn.Linear(hidden, 10),
     )
+
+
+class RowLSTM(nn.Module):
+    """An LSTM reading a digit's 8 rows of 8 pixels in turn, classified from its last state."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.lstm, self.out = nn.LSTM(8, hidden, batch_first=True), nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        return self.out(self.lstm(x.reshape(len(x), 8, 8))[0][:, -1])
 
 
 VOCAB = 20_000
@@ -89,6 +101,10 @@ def cases(widths: list[int]):
     xi, yi = digits(images=True)
     torch.manual_seed(0)
     yield "CNN (2 conv, 2 linear)", fitted(cnn(), xi, yi), xi, yi
+    torch.manual_seed(0)
+    yield "CNN (2 conv of 32 and 64 channels, 2 linear)", fitted(cnn(32, 64, 256), xi, yi), xi, yi
+    torch.manual_seed(0)
+    yield "LSTM 256 (a digit's rows in turn)", fitted(RowLSTM(256), x, y), x, y
     torch.manual_seed(0)
     tokens = torch.randint(0, VOCAB, (2000, 16))
     yield (
