@@ -168,7 +168,8 @@ def run_sweep(
         ]
         outcomes += _run(train_stack, tasks, f"mdlgrok-{exp.name}", say, **run)
     if measure is not None:
-        trained = [r for r in todo if stacked and RunDir(r.path).read_status().get("state") == "complete"]
+        # stacks train first and measure afterwards; a single run was measured in its own task
+        trained = [r for r in todo if RunDir(r.path).read_status().get("state") == "complete"] if stacked else []
         stopped = [r for r in done if r.state == "complete" and _unmeasured(r.path)]
         if stopped:
             say(f"  {len(stopped)} complete run{'s' * (len(stopped) > 1)} with checkpoints never measured: measuring")
@@ -180,7 +181,8 @@ def run_sweep(
 
 
 def _unmeasured(path: Path) -> bool:
-    """Whether some checkpoint of a run has no measure row at all (its measuring was stopped part-way)."""
+    """Whether some checkpoint of a run has no measure row at all (its measuring was stopped
+    part-way, or the run was never measured)."""
     run = RunDir(path)
     measured = set(run.read_measures().epoch.astype(int))
     return any(checkpoint_epoch(c) not in measured for c in run.checkpoints())
