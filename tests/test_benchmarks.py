@@ -1,5 +1,6 @@
 """The estimator benchmarks: against the paper's search (its table, its worst ratio, its figure,
-on tiny runs of add mod 7), and the cost as the model grows (its medians, its flags)."""
+on tiny runs of add mod 7), the cost as the model grows (its medians, its flags), and the parts
+of the "ours" training step."""
 
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from mdlgrok.training import train
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_estimator  # noqa: E402
 import bench_estimator_sizes as sizes  # noqa: E402
+import bench_train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +84,13 @@ def test_the_sizes_benchmark_refuses_no_repeats(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         sizes.main()
     assert exit_.value.code == 2 and "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_the_training_benchmark_times_each_part_of_the_ours_step():
+    parts = bench_train.ours_parts(steps=1)
+    assert list(parts) == [
+        "spectral penalty, value and gradient",
+        "  of which eigh of its 9 Gram matrices (float64)",  # embedding, positions, q, k, v, o, 2 MLP, readout
+        "noise, drawn, added and removed",
+    ]
+    assert all(ms > 0 for ms in parts.values())
