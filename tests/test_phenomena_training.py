@@ -104,6 +104,15 @@ def test_init_from_starts_at_that_runs_weights_and_checks_the_split(tmp_path):
         train(tiny_config(init_from=str(tmp_path / "nothing")), tmp_path / "x", progress=False)
 
 
+def test_a_run_from_another_runs_weights_on_a_subset_resumes_exactly(tmp_path):
+    train(tiny_config(epochs=3), tmp_path / "base", progress=False)
+    start = {"init_from": f"{tmp_path / 'base'}:2", "subset": 5}
+    train(tiny_config(epochs=6, **start), tmp_path / "straight", progress=False)
+    train(tiny_config(epochs=3, **start), tmp_path / "resumed", progress=False)
+    train(tiny_config(epochs=6, **start), tmp_path / "resumed", resume=True, progress=False)
+    pd.testing.assert_frame_equal(_metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed"))
+
+
 def test_options_switched_off_keep_run_keys_and_switched_on_name_themselves():
     paper = TrainConfig(task="add", preset="ours", seed=0, epochs=10000)
     assert run_key(paper) == "add-ours-s0-499398b7626f"  # the key of the committed paper-length run
