@@ -133,6 +133,7 @@ def test_unknown_length_is_rejected():
 
 # the other measures each paper-figure experiment takes beside complexity, side by side
 BESIDE = {"rise_and_fall": ("llc", "fourier"), "unregularized": ("fourier",)}
+EPS = {"attention": (0.5,)}  # the headline eps alone: its paper-attention runs are rise_and_fall's
 
 
 def test_experiment_files_expand():
@@ -154,11 +155,12 @@ def test_experiment_files_expand():
         if "paper" in exp.lengths:  # the modular experiments; digits have no paper length
             assert {c.epochs for c in expand(f, "paper")} == {10_000}, f
         assert exp.measure is not None and exp.measure.estimator == "mdlgrok", f  # every experiment measures
-        if f.stem in counts:  # the paper's figures: 600 epochs on CPU, the paper's seven eps
+        if f.stem in counts:  # the paper's figures: 600 epochs on CPU, the paper's seven eps (but EPS)
             assert len(cpu) == counts[f.stem], f
             assert {c.epochs for c in cpu} == {600}, f
             beside = BESIDE.get(f.stem, ())
-            assert exp.measure == MeasureConfig(eps=PAPER_EPS, estimator="mdlgrok", measures=("complexity", *beside)), f
+            eps = EPS.get(f.stem, PAPER_EPS)
+            assert exp.measure == MeasureConfig(eps=eps, estimator="mdlgrok", measures=("complexity", *beside)), f
     # the runs other experiments link from rise_and_fall have its keys (the same resolved configs)
     keys = {name: {run_key(c) for c in expand(EXPERIMENTS / f"{name}.toml")} for name in counts}
     assert len(keys["regularizers"] & keys["rise_and_fall"]) == 6 and len(keys["gamma"] & keys["rise_and_fall"]) == 3
