@@ -25,25 +25,21 @@ from mdlgrok.training.single import SingleEngine
 PAPER_MS = {"none": 25.0, "ours": 83.0}
 
 
-def ms_per_step(preset: str, steps: int, batch: int = 512) -> float:
-    """The single engine's own train_step (noise, loss, penalty, backward, AdamW) on one minibatch."""
-    engine = SingleEngine(TrainConfig(task="add", p=113, preset=preset, epochs=1, batch=batch))
-    idx = torch.arange(batch)
-    for _ in range(5):
-        engine.train_step(idx)
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.train_step(idx)
-    return 1000 * (time.perf_counter() - start) / steps
-
-
 def ms_per_call(fn, calls: int) -> float:
+    """Milliseconds per call of fn, after 5 untimed calls."""
     for _ in range(5):
         fn()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     return 1000 * (time.perf_counter() - start) / calls
+
+
+def ms_per_step(preset: str, steps: int, batch: int = 512) -> float:
+    """The single engine's own train_step (noise, loss, penalty, backward, AdamW) on one minibatch."""
+    engine = SingleEngine(TrainConfig(task="add", p=113, preset=preset, epochs=1, batch=batch))
+    idx = torch.arange(batch)
+    return ms_per_call(lambda: engine.train_step(idx), steps)
 
 
 def ours_parts(steps: int) -> dict[str, float]:
@@ -87,8 +83,8 @@ def main() -> None:
             f"{preset:8} {ms:8.1f} {1000 / ms:8.1f} {PAPER_MS[preset]:9.1f} {PAPER_MS[preset] / ms:8.2f}x "
             f"{ms / cpu['none']:7.2f}x"
         )
-    budget = cpu["ours"] / cpu["none"]
-    print(f'"ours" at {budget:.2f}x the unregularized step; at 1.5x its extra parts get {cpu["none"] / 2:.1f} ms:')
+    ratio = cpu["ours"] / cpu["none"]
+    print(f'"ours" at {ratio:.2f}x the unregularized step; at 1.5x its extra parts get {cpu["none"] / 2:.1f} ms:')
     for part, ms in ours_parts(args.steps).items():
         print(f"  {part:58} {ms:6.1f} ms")
     if torch.cuda.is_available():
