@@ -69,6 +69,9 @@ def _measure_args(sub) -> None:
 
     f = sub.add_parser("figures", help="redraw every figure from the saved tables under results/")
     f.add_argument("--results", default="results", help="folder of experiment tables")
+    f.add_argument(
+        "--only", nargs="+", metavar="FOLDER", help="redraw these folders of --results alone (e.g. digits, estimator)"
+    )
 
     v = sub.add_parser("convert", help="convert an older run folder, experiment folder or sweep root")
     v.add_argument("path")
@@ -224,7 +227,7 @@ def cmd_sweep(a) -> int:
 def cmd_figures(a) -> int:
     from mdlgrok.figures import draw_all
 
-    files = draw_all(a.results)
+    files = draw_all(a.results, a.only)
     print(f"drew {len(files)} files under {a.results}/")
     return 0
 

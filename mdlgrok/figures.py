@@ -130,12 +130,29 @@ def draw_estimator(path: Path) -> list[Path]:
     return plots.estimator_comparison(pd.read_parquet(path), path.with_suffix(""))
 
 
-def draw_all(results: str | Path = "results") -> list[Path]:
+def _folder(table: Path, results: Path) -> str:
+    """A table's folder relative to results, such as digits or paper/rise_and_fall."""
+    return table.parent.relative_to(results).as_posix()
+
+
+def draw_all(results: str | Path = "results", only: list[str] | None = None) -> list[Path]:
+    """Every figure of the tables under `results`; with `only`, of those folders alone (relative
+    to `results`: an experiment such as digits or paper/rise_and_fall, or estimator)."""
     results = Path(results)
+    tables = sorted(results.glob("**/table.parquet"))  # results/<experiment>/, results/paper/<experiment>/
+    benches = sorted(results.glob("estimator/bench*.parquet"))
+    if only is not None:
+        wanted, known = {name.strip("/") for name in only}, {_folder(t, results) for t in tables}
+        known |= {"estimator"} if benches else set()
+        if wanted - known:
+            missing = min(wanted - known)
+            raise FileNotFoundError(f"no tables under {results}/{missing}/ (there are: {', '.join(sorted(known))})")
+        tables = [t for t in tables if _folder(t, results) in wanted]
+        benches = benches if "estimator" in wanted else []
     out: list[Path] = []
-    for table in sorted(results.glob("**/table.parquet")):  # results/<experiment>/, results/paper/<experiment>/
+    for table in tables:
         out += draw_experiment(table.parent)
-    for bench in sorted(results.glob("estimator/bench*.parquet")):
+    for bench in benches:
         out += draw_estimator(bench)
     if not out:
         raise FileNotFoundError(f"no tables under {results}/ (run the make targets of the experiments first)")

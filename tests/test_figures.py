@@ -105,6 +105,22 @@ def test_figures_cli_without_tables_fails_cleanly(tmp_path, capsys):
     assert len(err) == 1 and "no tables" in err[0]
 
 
+def test_figures_only_redraws_the_folders_named(results, tmp_path):
+    root = tmp_path / "results"
+    for name in ("one", "two"):
+        (root / name).mkdir(parents=True)
+        (root / name / "table.parquet").write_bytes((results / "table.parquet").read_bytes())
+    files = draw_all(root, only=["two"])
+    assert files and {f.relative_to(root).parts[0] for f in files} == {"two"}
+    assert not (root / "one" / "summary.csv").exists()
+
+
+def test_figures_cli_only_with_an_unknown_folder_fails_cleanly(results, capsys):
+    assert main(["figures", "--results", str(results.parent), "--only", "nonesuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nonesuch" in err[0] and "tiny" in err[0]
+
+
 def other_estimators(table):
     """The table with rows no figure should draw: the paper's estimator, and an older version of mdlgrok's."""
     measured = table[table.estimator == "mdlgrok"]
