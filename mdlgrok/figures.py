@@ -130,27 +130,22 @@ def draw_estimator(path: Path) -> list[Path]:
     return plots.estimator_comparison(pd.read_parquet(path), path.with_suffix(""))
 
 
-def _folder(table: Path, results: Path) -> str:
-    """A table's folder relative to results, such as digits or paper/rise_and_fall."""
-    return table.parent.relative_to(results).as_posix()
-
-
 def draw_all(results: str | Path = "results", only: list[str] | None = None) -> list[Path]:
     """Every figure of the tables under `results`; with `only`, of those folders alone (relative
     to `results`: an experiment such as digits or paper/rise_and_fall, or estimator)."""
     results = Path(results)
-    tables = sorted(results.glob("**/table.parquet"))  # results/<experiment>/, results/paper/<experiment>/
+    # results/<experiment>/table.parquet, results/paper/<experiment>/table.parquet: one per folder
+    tables = {t.parent.relative_to(results).as_posix(): t for t in sorted(results.glob("**/table.parquet"))}
     benches = sorted(results.glob("estimator/bench*.parquet"))
     if only is not None:
-        wanted, known = {name.strip("/") for name in only}, {_folder(t, results) for t in tables}
-        known |= {"estimator"} if benches else set()
+        wanted, known = {name.strip("/") for name in only}, set(tables) | ({"estimator"} if benches else set())
         if wanted - known:
             missing = min(wanted - known)
             raise FileNotFoundError(f"no tables under {results}/{missing}/ (there are: {', '.join(sorted(known))})")
-        tables = [t for t in tables if _folder(t, results) in wanted]
+        tables = {name: t for name, t in tables.items() if name in wanted}
         benches = benches if "estimator" in wanted else []
     out: list[Path] = []
-    for table in tables:
+    for table in tables.values():
         out += draw_experiment(table.parent)
     for bench in benches:
         out += draw_estimator(bench)
